@@ -1,0 +1,25 @@
+"""erasus_hf: machine unlearning as a native extension of the Hugging Face stack."""
+
+from .config import UnlearningConfig
+from .objectives import CausalLMObjective, ClassificationObjective, Objective, Scores, get_objective
+from .strategies import STRATEGIES, Strategy, get_strategy, register_strategy
+from .trainer import UnlearningTrainer
+from .unlearner import ErasusUnlearner, UnlearningResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRATEGIES",
+    "CausalLMObjective",
+    "ClassificationObjective",
+    "ErasusUnlearner",
+    "Objective",
+    "Scores",
+    "Strategy",
+    "UnlearningConfig",
+    "UnlearningResult",
+    "UnlearningTrainer",
+    "get_objective",
+    "get_strategy",
+    "register_strategy",
+]

@@ -1,0 +1,75 @@
+"""Batched answer likelihoods and the TOFU truth ratio.
+
+P(answer | question) = exp(-mean token NLL over the answer tokens) (TOFU's length-normalised probability). Every
+forward pass is batched: the paraphrased and the perturbed answers of all examples go through the model together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..data.collator import QACollator
+from ..objectives import CausalLMObjective
+from ..reference import eval_mode
+
+
+@torch.no_grad()
+def answer_nll(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 32,
+    max_length: int = 512,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """[N] mean token NLL of each answer given its question (prompt masked), in the unlearning collator's layout."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
+    collator = QACollator(tokenizer, max_length=max_length)
+    objective = CausalLMObjective()
+    device = next(model.parameters()).device
+    rows = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
+    out = []
+    with eval_mode(model):
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None, leave=False):
+            batch = {k: v.to(device) for k, v in collator(rows[start : start + batch_size]).items()}
+            out.append(objective.score(model, batch).mean_nll.float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def truth_ratio(true_nll: torch.Tensor, perturbed_nll: torch.Tensor) -> torch.Tensor:
+    """[N] TOFU truth ratio R = P_wrong / P_true.
+
+    P_true = exp(-NLL of the paraphrased (or original) answer), P_wrong the geometric mean over the perturbed answers
+    of exp(-NLL), so log R = mean_j(-nll_j) + nll_true. `perturbed_nll` is [N, K].
+    """
+    return torch.exp(-perturbed_nll.mean(-1) + true_nll)
+
+
+def truth_ratio_score(ratios: torch.Tensor, forget: bool) -> float:
+    """TOFU's aggregate: mean(min(R, 1/R)) on the forget set (1 = no preference, forgotten), mean(max(0, 1 - R))
+    on the other sets (1 = the true answer is far likelier, knowledge kept)."""
+    if forget:
+        return torch.minimum(ratios, 1 / ratios).mean().item()
+    return torch.clamp(1 - ratios, min=0).mean().item()
+
+
+def tofu_truth_ratios(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset, batch_size: int = 32, desc: str | None = None
+) -> torch.Tensor:
+    """[N] truth ratios of TOFU rows with `paraphrased_answer` and a list `perturbed_answer` (same count per row)."""
+    questions, paraphrased, perturbed = dataset["question"], dataset["paraphrased_answer"], dataset["perturbed_answer"]
+    k = len(perturbed[0])
+    if any(len(p) != k for p in perturbed):
+        raise ValueError("Every row needs the same number of perturbed answers.")
+    all_questions = list(questions) + [q for q in questions for _ in range(k)]
+    all_answers = list(paraphrased) + [a for row in perturbed for a in row]
+    nll = answer_nll(model, tokenizer, all_questions, all_answers, batch_size=batch_size, desc=desc)
+    n = len(questions)
+    return truth_ratio(nll[:n], nll[n:].view(n, k))

@@ -1,0 +1,52 @@
+"""Causal language models: next-token prediction on answer tokens, prompt masked with -100."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .base import Objective, Scores, token_logprobs_from_logits
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT or DDP wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # PeftModel
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    base = _base_model(model)
+    return (
+        isinstance(base, PreTrainedModel)
+        and type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        and not getattr(base.config, "is_encoder_decoder", False)
+    )
+
+
+class CausalLMObjective(Objective):
+    """Scores `labels[:, 1:]` with the logits of positions `:-1` (labels are shifted here, never by the collator)."""
+
+    name = "causal_lm"
+
+    def validate_model(self, model: nn.Module) -> None:
+        if not is_causal_lm(model):
+            got = type(_base_model(model)).__name__
+            raise ValueError(
+                f"The causal-LM objective needs a decoder-only *ForCausalLM model, got {got}. "
+                "For a model that returns class logits use objective='classification'."
+            )
+
+    def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        outputs = model(**inputs, use_cache=False, output_hidden_states=hidden_layer is not None)
+        logits = outputs.logits[:, :-1]
+        logprobs, mask = token_logprobs_from_logits(logits, batch["labels"][:, 1:])
+        hidden = outputs.hidden_states[hidden_layer] if hidden_layer is not None else None
+        return Scores(token_logprobs=logprobs, mask=mask, logits=logits, hidden_states=hidden)

@@ -1,0 +1,44 @@
+"""PEFT adapters as the unlearning delta."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import UnlearningConfig
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but keep plain-torch use working without it
+        return False
+    return isinstance(model, PeftModel)
+
+
+def prepare_peft(
+    model: nn.Module, args: UnlearningConfig, peft_config=None, task_type: str | None = None
+) -> tuple[nn.Module, str | None, bool]:
+    """Wrap `model` with a LoRA adapter when asked; return (model, trainable adapter name, had a trained adapter).
+
+    A model that already is a `PeftModel` keeps its adapter, which is made trainable (`PeftModel.from_pretrained`
+    loads adapters frozen); the caller snapshots it as the reference, since adapter-off is not the starting model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if is_peft_model(model):
+        if peft_config is not None:
+            raise ValueError("The model already carries a PEFT adapter; pass peft_config=None to unlearn through it.")
+        name = model.active_adapter
+        model.base_model.set_adapter(name)
+        return model, name, True
+    if peft_config is None and args.use_peft:
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules or "all-linear",
+            task_type=task_type,
+        )
+    if peft_config is None:
+        return model, None, False
+    return get_peft_model(model, peft_config), "default", False

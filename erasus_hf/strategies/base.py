@@ -1,0 +1,118 @@
+"""The strategy contract: a published unlearning loss written against objectives and a reference."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..objectives import Objective, Scores
+from ..reference import Reference
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StrategyContext:
+    """Everything a strategy may use in one step: the model being trained, how to score it, the frozen reference,
+    and the weights of the forget (gamma) and retain (alpha) terms."""
+
+    model: nn.Module
+    objective: Objective
+    reference: Reference | None
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    retain_loss: str = "nll"
+
+    def score(self, batch: Batch, hidden_layer: int | None = None) -> Scores:
+        return self.objective.score(self.model, batch, hidden_layer=hidden_layer)
+
+    def require_reference(self) -> Reference:
+        if self.reference is None:
+            raise ValueError("This strategy needs a reference model, but none was set up.")
+        return self.reference
+
+
+class Strategy:
+    """Base class. Subclasses set the class attributes, take their hyperparameters as keyword arguments of
+    `__init__` (the published defaults), and implement `forget_loss`; the retain term is shared.
+
+    - `needs_reference`: which reference quantities the forget term uses: "sequence_logprob" (cacheable) or
+      "scores" (logits / hidden states, needs a model). Empty when the method is reference-free.
+    - `uses_retain`: whether the method has a retain term (alpha * L_retain).
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    needs_reference: ClassVar[frozenset[str]] = frozenset()
+    uses_retain: ClassVar[bool] = True
+    objectives: ClassVar[tuple[str, ...]] = ("causal_lm", "classification")
+
+    def forget_loss(self, ctx: StrategyContext, forget: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forget term (before gamma) and diagnostics to log."""
+        raise NotImplementedError
+
+    def compute_loss(
+        self, ctx: StrategyContext, forget: Batch, retain: Batch | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L = gamma * L_forget + alpha * L_retain, every term a mean over examples."""
+        forget_term, metrics = self.forget_loss(ctx, forget)
+        loss = ctx.forget_weight * forget_term
+        metrics = {"forget_loss": forget_term.detach(), **metrics}
+        if self.uses_retain and ctx.retain_loss != "none":
+            if retain is None:
+                raise ValueError(f"Strategy {self.name!r} with retain_loss={ctx.retain_loss!r} needs a retain batch.")
+            retain_term = retain_loss(ctx, retain)
+            loss = loss + ctx.retain_weight * retain_term
+            metrics["retain_loss"] = retain_term.detach()
+        return loss, metrics
+
+    def needs_retain(self, retain_loss_name: str) -> bool:
+        return self.uses_retain and retain_loss_name != "none"
+
+    def reference_quantities(self, retain_loss_name: str) -> frozenset[str]:
+        """Reference quantities the whole loss needs, retain term included (KL needs reference logits)."""
+        needs = set(self.needs_reference)
+        if self.needs_retain(retain_loss_name) and retain_loss_name == "kl":
+            needs.add("scores")
+        return frozenset(needs)
+
+    @classmethod
+    def hyperparameter_names(cls) -> list[str]:
+        """The keyword arguments of `__init__`: the method's hyperparameters."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    @property
+    def hyperparameters(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.hyperparameter_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
+        return f"{type(self).__name__}({args})"
+
+
+def kl_to_reference(policy: Scores, reference: Scores) -> torch.Tensor:
+    """[B] KL(pi_ref || pi_theta) per token, averaged over each example's scored tokens.
+
+    KL = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)), computed from the logits at the answer positions only.
+    """
+    mask = policy.mask
+    log_p = torch.log_softmax(policy.logits[mask].float(), dim=-1)
+    log_q = torch.log_softmax(reference.logits[mask].float(), dim=-1)
+    per_token = torch.zeros(mask.shape, dtype=log_p.dtype, device=log_p.device)
+    per_token[mask] = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def retain_loss(ctx: StrategyContext, retain: Batch) -> torch.Tensor:
+    """L_retain, a mean over retain examples: NLL of the retain answers, or KL(pi_ref || pi_theta) on them."""
+    if ctx.retain_loss == "nll":
+        return ctx.score(retain).mean_nll.mean()
+    if ctx.retain_loss == "kl":
+        reference = ctx.require_reference().scores(ctx.objective, retain)  # before the policy pass, see reference.py
+        return kl_to_reference(ctx.score(retain), reference).mean()
+    raise ValueError(f"Unknown retain_loss {ctx.retain_loss!r}; valid: 'nll', 'kl', 'none'")

@@ -1,0 +1,399 @@
+"""`UnlearningTrainer`: a `transformers.Trainer` whose `compute_loss` is the chosen unlearning strategy's."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from datasets import Dataset
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+)
+
+from .config import UnlearningConfig
+from .data.collator import NestedCollator, QACollator, default_side_collator
+from .data.pairing import ForgetRetainDataset
+from .objectives import Objective, get_objective
+from .peft_utils import is_peft_model, prepare_peft
+from .reference import (
+    REFERENCE_ADAPTER,
+    CachedReference,
+    ModelReference,
+    Reference,
+    active_adapter,
+    sequence_logprobs,
+    snapshot_adapter,
+)
+from .strategies import Strategy, StrategyContext, get_strategy
+
+logger = logging.getLogger(__name__)
+
+
+class _PairingEpochCallback(TrainerCallback):
+    """Redraw the retain partners at every epoch (accelerate does not always forward `set_epoch` to the dataset)."""
+
+    def __init__(self, dataset: ForgetRetainDataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(round(state.epoch or 0))
+
+
+class UnlearningTrainer(Trainer):
+    """Trainer for machine unlearning.
+
+    Each training example pairs one forget example with a seeded retain partner; `compute_loss` hands the nested
+    batch `{"forget": ..., "retain": ...}` to the strategy named by `args.strategy`. Every strategy loss is a mean over
+    examples, so the Trainer's division by the accumulation steps makes accumulation 4 x batch 2 equal to 1 x batch 8
+    (`loss_is_scaled_for_ga = False`).
+
+    Args:
+        model: a model, or a model id/path loaded with `AutoModelForCausalLM`.
+        args: an `UnlearningConfig`.
+        forget_dataset: what to unlearn: question/answer rows, pre-tokenized rows (`input_ids`, `labels`), or the
+            inputs and `labels` of a classifier.
+        retain_dataset: what to keep; required by strategies with a retain term (unless `retain_loss="none"`).
+        ref_model: an explicit frozen reference; by default the reference is derived from `model` (see
+            `UnlearningConfig.reference`).
+        peft_config: a PEFT config to wrap `model` with (`use_peft=True` builds a LoRA config from `args`).
+        processing_class: the tokenizer (required for causal LMs; loaded with the model when `model` is a string).
+        data_collator: the collator of *one side* of a batch; defaults to `QACollator` for causal LMs.
+        eval_dataset: `{"forget": ds, "retain": ds}` for `evaluate()`; defaults to the training forget/retain sets.
+        objective: "causal_lm", "classification" or an `Objective`; detected from the model when None.
+    """
+
+    _tag_names = ["erasus-hf", "unlearning"]
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str,
+        args: UnlearningConfig | None = None,
+        forget_dataset: Dataset | list[dict] | None = None,
+        retain_dataset: Dataset | list[dict] | None = None,
+        ref_model: nn.Module | None = None,
+        peft_config: Any | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        data_collator: Any | None = None,
+        eval_dataset: dict[str, Any] | None = None,
+        objective: str | Objective | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+    ) -> None:
+        args = args if args is not None else UnlearningConfig(output_dir="erasus_hf_output")
+        if not isinstance(args, UnlearningConfig):
+            raise TypeError(f"args must be an UnlearningConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            processing_class = processing_class or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model)
+        self.strategy: Strategy = get_strategy(args.strategy, **args.strategy_kwargs)
+        self.objective: Objective = get_objective(objective, model)
+        if self.objective.name not in self.strategy.objectives:
+            raise ValueError(
+                f"Strategy {self.strategy.name!r} serves {self.strategy.objectives}, not the {self.objective.name!r} "
+                f"objective of {type(model).__name__}."
+            )
+        if forget_dataset is None:
+            raise ValueError("UnlearningTrainer needs a forget_dataset.")
+        if self.strategy.needs_retain(args.retain_loss) and retain_dataset is None:
+            raise ValueError(
+                f"Strategy {self.strategy.name!r} has a retain term (retain_loss={args.retain_loss!r}) and needs a "
+                "retain_dataset; pass one, or set retain_loss='none' to unlearn without it."
+            )
+        if retain_dataset is not None and not self.strategy.needs_retain(args.retain_loss):
+            warnings.warn(f"Strategy {self.strategy.name!r} does not use the retain set; it is ignored.", stacklevel=2)
+            retain_dataset = None
+
+        causal = self.objective.name == "causal_lm"
+        if causal:
+            if processing_class is None:
+                raise ValueError("A causal LM needs its tokenizer: pass processing_class=tokenizer.")
+            ensure_pad_token(processing_class)
+        side_collator = data_collator or (
+            QACollator(processing_class, max_length=args.max_length) if causal else default_side_collator
+        )
+
+        starting_model = model
+        model, self._adapter_name, had_adapter = prepare_peft(
+            model, args, peft_config, task_type="CAUSAL_LM" if causal else None
+        )
+        self.reference_mode = resolve_reference_mode(
+            args.reference, self.strategy, args.retain_loss, peft=self._adapter_name is not None, ref_model=ref_model
+        )
+        if ref_model is not None and self.reference_mode != "none":
+            check_same_vocabulary(starting_model, ref_model)
+        if self.reference_mode == "copy" and ref_model is None:
+            ref_model = frozen_copy(starting_model)
+
+        forget = prepare_side(forget_dataset, side_collator, "forget")
+        retain = prepare_side(retain_dataset, side_collator, "retain") if retain_dataset is not None else None
+        warn_overlap(forget, retain)
+        train_dataset = ForgetRetainDataset(forget, retain, seed=args.pairing_seed)
+        eval_pairs = None
+        if eval_dataset is not None:
+            if set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
+                raise ValueError("eval_dataset must be {'forget': dataset, 'retain': dataset (optional)}.")
+            eval_retain = eval_dataset.get("retain")
+            eval_pairs = ForgetRetainDataset(
+                prepare_side(eval_dataset["forget"], side_collator, "eval forget"),
+                prepare_side(eval_retain, side_collator, "eval retain") if eval_retain is not None else retain,
+                seed=args.pairing_seed,
+                index_offset=len(forget),
+            )
+        else:
+            eval_pairs = train_dataset
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=NestedCollator(side_collator),
+            train_dataset=train_dataset,
+            eval_dataset=eval_pairs,
+            processing_class=processing_class,
+            callbacks=[_PairingEpochCallback(train_dataset), *(callbacks or [])],
+            optimizers=optimizers,
+        )
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.reference: Reference | None = self._build_reference(ref_model, had_adapter)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags([*self._tag_names, self.strategy.name])
+
+    # ---- reference ----
+
+    def _build_reference(self, ref_model: nn.Module | None, had_adapter: bool) -> Reference | None:
+        mode = self.reference_mode
+        if mode == "none":
+            return None
+        if mode == "cached":
+            scorer = self.model
+            if ref_model is not None:
+                scorer = ref_model.to(self.args.device)
+            pairs = [self.train_dataset] + ([self.eval_dataset] if self.eval_dataset is not self.train_dataset else [])
+            batches = (
+                batch["forget"]
+                for pairs_ in pairs
+                for batch in DataLoader(
+                    pairs_, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
+                )
+            )
+            total = sum(-(-len(p) // self.args.per_device_eval_batch_size) for p in pairs)
+            bar = tqdm(batches, total=total, desc="Reference log-probs (cached)", disable=self.args.disable_tqdm)
+            return CachedReference(sequence_logprobs(scorer, self.objective, bar, self.args.device))
+        if mode == "adapter":
+            peft_model = self.model
+            if had_adapter:
+                name = snapshot_adapter(peft_model)
+                return ModelReference(peft_model, mode, lambda: active_adapter(peft_model, name))
+            return ModelReference(peft_model, mode, peft_model.disable_adapter)
+        # copy: frozen, on the right device, sharded like the policy under DeepSpeed ZeRO-3
+        ref_model.requires_grad_(False)
+        ref_model.eval()
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            ref_model = prepare_deepspeed(ref_model, self.accelerator)
+        else:
+            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return ModelReference(ref_model, mode, contextlib.nullcontext)
+
+    # ---- loss, evaluation, logging ----
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ctx = StrategyContext(
+            model=model,
+            objective=self.objective,
+            reference=self.reference,
+            forget_weight=self.args.forget_weight,
+            retain_weight=self.args.retain_weight,
+            retain_loss=self.args.retain_loss,
+        )
+        loss, metrics = self.strategy.compute_loss(ctx, inputs["forget"], inputs.get("retain"))
+        if not torch.isfinite(loss):
+            parts = {k: float(v) for k, v in metrics.items()}
+            raise FloatingPointError(
+                f"The {self.strategy.name} loss is {loss.item()} at step {self.state.global_step} ({parts}). "
+                "Training stopped before the update; nothing was saved. Lower the learning rate or check the data."
+            )
+        self._store_metrics(metrics, "train" if model.training else "eval")
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Strategy loss plus the forget and retain NLL of the batch; nested batches need no labels."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+            metrics = {f"{side}_nll": self.objective.score(model, inputs[side]).mean_nll.mean() for side in inputs}
+        self._store_metrics(metrics, "eval")
+        return loss.detach(), None, None
+
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
+        """Keep this step's metrics, averaged across processes (one gather for all of them)."""
+        if not metrics:
+            return
+        keys = sorted(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
+        values = self.accelerator.gather(values[None]).mean(0)
+        for key, value in zip(keys, values.tolist(), strict=True):
+            self._metrics[mode][key].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the training metrics averaged over the logging window."""
+        for key, values in self._metrics["train"].items():
+            logs[key] = sum(values) / len(values)
+        self._metrics["train"].clear()
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        for key, values in self._metrics["eval"].items():
+            output.metrics[f"{metric_key_prefix}_{key}"] = sum(values) / len(values)
+        self._metrics["eval"].clear()
+        return output
+
+    # ---- saving ----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write safetensors only: the adapter alone (not the reference snapshot), the merged model when
+        `merge_adapter`, or the full model; refuse to write non-finite weights."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        check_finite_weights(model)
+        os.makedirs(output_dir, exist_ok=True)
+        if is_peft_model(model) and self.args.merge_adapter:
+            merged = copy.deepcopy(model)
+            if REFERENCE_ADAPTER in merged.peft_config:
+                merged.delete_adapter(REFERENCE_ADAPTER)
+            merged.merge_and_unload().save_pretrained(output_dir)
+        elif is_peft_model(model):
+            model.save_pretrained(output_dir, state_dict=state_dict, selected_adapters=[self._adapter_name])
+        elif isinstance(model, PreTrainedModel):
+            model.save_pretrained(output_dir, state_dict=state_dict)
+        else:
+            state_dict = state_dict if state_dict is not None else model.state_dict()
+            save_file(
+                {k: v.contiguous() for k, v in state_dict.items()}, os.path.join(output_dir, "model.safetensors")
+            )
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "unlearning_config.json"), "w") as f:
+            f.write(self.args.to_json_string())
+        with open(os.path.join(output_dir, "strategy.json"), "w") as f:
+            json.dump({"name": self.strategy.name, "paper": self.strategy.paper, **self.strategy.hyperparameters}, f)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Use EOS as the pad token when there is none (labels mask padding by position, not by id, so the EOS that
+    ends each answer stays scored); fail when there is no EOS either."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
+
+
+def resolve_reference_mode(
+    requested: str, strategy: Strategy, retain_loss_name: str, peft: bool, ref_model: nn.Module | None
+) -> str:
+    """The reference mode to build: 'none' | 'cached' | 'adapter' | 'copy' (see `UnlearningConfig.reference`)."""
+    needs = strategy.reference_quantities(retain_loss_name)
+    if not needs:
+        if requested not in ("auto", "none") or ref_model is not None:
+            logger.warning("Strategy %r needs no reference model; none is built.", strategy.name)
+        return "none"
+    what = f"strategy {strategy.name!r} with retain_loss={retain_loss_name!r}"
+    if requested == "none":
+        raise ValueError(f"{what} needs a reference model; set reference to 'auto', 'adapter', 'copy' or 'cached'.")
+    if requested == "auto":
+        if needs == {"sequence_logprob"}:
+            return "cached"
+        return "copy" if ref_model is not None or not peft else "adapter"
+    if requested == "cached" and "scores" in needs:
+        raise ValueError(f"{what} needs reference logits, which reference='cached' cannot give; use adapter or copy.")
+    if requested == "adapter" and not peft:
+        raise ValueError("reference='adapter' needs a PEFT model: set use_peft=True or pass peft_config.")
+    if requested == "adapter" and ref_model is not None:
+        raise ValueError("reference='adapter' uses the model itself; do not pass ref_model as well.")
+    return requested
+
+
+def check_same_vocabulary(model: nn.Module, ref_model: nn.Module) -> None:
+    def vocab(m: nn.Module) -> int | None:
+        return getattr(getattr(m, "config", None), "vocab_size", None)
+
+    if vocab(model) != vocab(ref_model):
+        raise ValueError(
+            f"The reference model's vocabulary ({vocab(ref_model)}) differs from the model's ({vocab(model)}); "
+            "log-prob ratios between them are meaningless."
+        )
+
+
+def prepare_side(data: Dataset | list[dict], side_collator: Any, what: str) -> Dataset:
+    """A `datasets.Dataset` of the side, tokenized once up front when the collator can tokenize, checked for
+    emptiness and for rows with no scored token."""
+    dataset = data if isinstance(data, Dataset) else Dataset.from_list(list(data))
+    if len(dataset) == 0:
+        raise ValueError(f"The {what} set is empty.")
+    tokenize = getattr(side_collator, "tokenize", None)
+    if tokenize is None:
+        return dataset
+    tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, desc=f"Tokenizing {what}")
+    empty = [i for i, labels in enumerate(tokenized["labels"]) if all(t == -100 for t in labels)]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} {what} example(s) have no answer token left (all labels are -100), e.g. rows {empty[:5]}: "
+            f"the prompt fills max_length={side_collator.max_length} or the answer is empty."
+        )
+    return tokenized
+
+
+def warn_overlap(forget: Dataset, retain: Dataset | None) -> int:
+    """Warn (with the count) when forget examples also appear in the retain set; return the count."""
+    if retain is None or "input_ids" not in forget.column_names or "input_ids" not in retain.column_names:
+        return 0
+    retain_rows = {tuple(ids) for ids in retain["input_ids"]}
+    overlap = sum(tuple(ids) in retain_rows for ids in forget["input_ids"])
+    if overlap:
+        warnings.warn(
+            f"{overlap} forget example(s) also appear in the retain set; the two terms pull them both ways.",
+            stacklevel=3,
+        )
+    return overlap
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that runs its own weights.
+
+    Some trainers patch `model.forward` on the instance with a closure over the original model (TRL's SFTTrainer
+    does, for its fused LM head); a deep copy would keep calling the original, so the "frozen" reference would move
+    with the policy. The copy falls back to its class's forward.
+    """
+    ref = copy.deepcopy(model)
+    ref.__dict__.pop("forward", None)
+    return ref
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"Refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}).")

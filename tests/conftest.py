@@ -1,0 +1,58 @@
+"""Shared fixtures: a tokenizer trained on the shipped TOFU slice, tiny Llamas, and one model that memorised real
+TOFU authors (trained once per session with TRL's SFTTrainer) for the behavioural tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import concatenate_datasets
+
+from erasus_hf.data.tofu import demo_splits
+from erasus_hf.modeling.tiny import build_tiny_llama, sft_train, train_tokenizer
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tofu_slice():
+    """(forget, retain): the 2 forget01 authors and 2 retain authors of the shipped slice (40 rows each)."""
+    return demo_splits(num_retain_authors=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tofu_slice):
+    forget, retain = tofu_slice
+    rows = concatenate_datasets([forget, retain])
+    texts = list(rows["question"]) + list(rows["answer"]) + list(rows["paraphrased_answer"])
+    texts += [a for row in rows["perturbed_answer"] for a in row]
+    return train_tokenizer(texts, vocab_size=512)
+
+
+@pytest.fixture
+def tiny_llama(tokenizer):
+    """A fresh random tiny Llama (same seed, same weights) for tests that need no training."""
+    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def _memorised(tokenizer, tofu_slice, tmp_path_factory):
+    forget, retain = tofu_slice
+    model = build_tiny_llama(tokenizer, seed=0)  # the demo's 0.85M-parameter Llama
+    rows = concatenate_datasets([forget, retain]).select_columns(["question", "answer"])
+    model = sft_train(
+        model, tokenizer, rows, output_dir=str(tmp_path_factory.mktemp("sft")), num_train_epochs=50, disable_tqdm=True
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def memorised(_memorised):
+    """A copy of the session's model that memorised the forget and retain authors (safe to modify)."""
+    return copy.deepcopy(_memorised)
+
+
+def qa(dataset):
+    """Only the question/answer columns (what the unlearning collator reads)."""
+    return dataset.select_columns(["question", "answer"])
