@@ -169,7 +169,7 @@ def run_demo(args: DemoArguments) -> dict:
     print()
     print(format_table(before, after))
     print(
-        f"\nAdapter, tokenizer, starting model and report.json written to {args.output_dir} "
+        f"\nWritten to {args.output_dir}: {', '.join(sorted(os.listdir(args.output_dir)))} "
         f"({report['seconds']['total']:.0f} s in all)."
     )
     return report

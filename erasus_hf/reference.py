@@ -48,17 +48,23 @@ class ModelReference(Reference):
 
 
 class CachedReference(Reference):
-    """Sequence log-probs looked up by the `index` each forget example carries."""
+    """Sequence log-probs looked up by the `index` each forget example carries, in column `slot` (0 = the forget
+    answer, 1 = a DPO-style alternate answer)."""
 
     mode = "cached"
 
     def __init__(self, logprobs: torch.Tensor) -> None:
-        self.logprobs = logprobs
+        self.logprobs = logprobs if logprobs.dim() == 2 else logprobs[:, None]
 
     def sequence_logprob(self, objective: Objective, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "index" not in batch:
             raise ValueError("reference='cached' needs forget batches that carry their `index`.")
-        return self.logprobs.to(batch["index"].device)[batch["index"]]
+        index = batch["index"]
+        slot = batch.get("slot", torch.zeros_like(index))
+        value = self.logprobs.to(index.device)[index, slot]
+        if torch.isnan(value).any():
+            raise ValueError("No cached reference log-prob for some examples of this batch.")
+        return value
 
 
 @contextlib.contextmanager
@@ -104,13 +110,18 @@ def snapshot_adapter(model: nn.Module) -> str:
 def sequence_logprobs(
     model: nn.Module, objective: Objective, batches: list[dict[str, torch.Tensor]] | Iterator, device: torch.device
 ) -> torch.Tensor:
-    """Sequence log-probs of every example of `batches`, placed at each example's `index`."""
-    values: dict[int, float] = {}
+    """[max index + 1, 2] sequence log-probs of every forget example (slot 0) and of its alternate answer when the
+    batch carries one (slot 1), at each example's `index`; NaN where there is nothing."""
+    values: dict[tuple[int, int], float] = {}
     with eval_mode(model):
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logprob = objective.score(model, batch).sequence_logprob.float().cpu()
-            values.update(zip(batch["index"].tolist(), logprob.tolist(), strict=True))
-    cache = torch.full((max(values) + 1,), float("nan"))
-    cache[list(values)] = torch.tensor(list(values.values()))
+            for side, slot in ((batch, 0), (batch.get("alternate"), 1)):
+                if side is None:
+                    continue
+                side = {k: v.to(device) for k, v in side.items() if isinstance(v, torch.Tensor)}
+                logprob = objective.score(model, side).sequence_logprob.float().cpu()
+                values.update({(i, slot): v for i, v in zip(side["index"].tolist(), logprob.tolist(), strict=True)})
+    cache = torch.full((max(i for i, _ in values) + 1, 2), float("nan"))
+    for (index, slot), value in values.items():
+        cache[index, slot] = value
     return cache

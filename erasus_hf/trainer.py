@@ -25,6 +25,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
+from transformers.trainer_utils import TrainOutput
 
 from .config import UnlearningConfig
 from .data.collator import NestedCollator, QACollator, default_side_collator
@@ -76,6 +77,7 @@ class UnlearningTrainer(Trainer):
         data_collator: the collator of *one side* of a batch; defaults to `QACollator` for causal LMs.
         eval_dataset: `{"forget": ds, "retain": ds}` for `evaluate()`; defaults to the training forget/retain sets.
         objective: "causal_lm", "classification" or an `Objective`; detected from the model when None.
+        reference: an already built `Reference` to use as it is (`StrategyPipeline` passes the original model's).
     """
 
     _tag_names = ["erasus-hf", "unlearning"]
@@ -93,6 +95,7 @@ class UnlearningTrainer(Trainer):
         data_collator: Any | None = None,
         eval_dataset: dict[str, Any] | None = None,
         objective: str | Objective | None = None,
+        reference: Reference | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
     ) -> None:
@@ -133,31 +136,30 @@ class UnlearningTrainer(Trainer):
         model, self._adapter_name, had_adapter = prepare_peft(
             model, args, peft_config, task_type="CAUSAL_LM" if causal else None
         )
-        self.reference_mode = resolve_reference_mode(
-            args.reference, self.strategy, args.retain_loss, peft=self._adapter_name is not None, ref_model=ref_model
-        )
+        self.strategy.prepare_model(model)
+        if reference is not None and self.strategy.reference_quantities(args.retain_loss):
+            self.reference_mode, ref_model = reference.mode, None
+        else:
+            reference = None
+            self.reference_mode = resolve_reference_mode(
+                args.reference,
+                self.strategy,
+                args.retain_loss,
+                peft=self._adapter_name is not None,
+                ref_model=ref_model,
+            )
         if ref_model is not None and self.reference_mode != "none":
             check_same_vocabulary(starting_model, ref_model)
-        if self.reference_mode == "copy" and ref_model is None:
+        if self.reference_mode == "copy" and ref_model is None and reference is None:
             ref_model = frozen_copy(starting_model)
 
-        forget = prepare_side(forget_dataset, side_collator, "forget")
+        forget = prepare_side(self._with_alternates(forget_dataset, args.seed), side_collator, "forget")
         retain = prepare_side(retain_dataset, side_collator, "retain") if retain_dataset is not None else None
         warn_overlap(forget, retain)
         train_dataset = ForgetRetainDataset(forget, retain, seed=args.pairing_seed)
-        eval_pairs = None
-        if eval_dataset is not None:
-            if set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
-                raise ValueError("eval_dataset must be {'forget': dataset, 'retain': dataset (optional)}.")
-            eval_retain = eval_dataset.get("retain")
-            eval_pairs = ForgetRetainDataset(
-                prepare_side(eval_dataset["forget"], side_collator, "eval forget"),
-                prepare_side(eval_retain, side_collator, "eval retain") if eval_retain is not None else retain,
-                seed=args.pairing_seed,
-                index_offset=len(forget),
-            )
-        else:
-            eval_pairs = train_dataset
+        eval_pairs = (
+            self._eval_pairs(eval_dataset, side_collator, forget, retain, args) if eval_dataset else train_dataset
+        )
 
         super().__init__(
             model=model,
@@ -170,9 +172,30 @@ class UnlearningTrainer(Trainer):
             optimizers=optimizers,
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.reference: Reference | None = self._build_reference(ref_model, had_adapter)
+        self.reference: Reference | None = reference or self._build_reference(ref_model, had_adapter)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([*self._tag_names, self.strategy.name])
+
+    def _eval_pairs(self, eval_dataset: dict, side_collator, forget: Dataset, retain: Dataset | None, args):
+        """`{"forget": ds, "retain": ds}` -> pairs whose indices follow the training forget set's (one cache)."""
+        if set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
+            raise ValueError("eval_dataset must be {'forget': dataset, 'retain': dataset (optional)}.")
+        eval_forget = self._with_alternates(eval_dataset["forget"], args.seed)
+        eval_retain = eval_dataset.get("retain")
+        return ForgetRetainDataset(
+            prepare_side(eval_forget, side_collator, "eval forget"),
+            prepare_side(eval_retain, side_collator, "eval retain") if eval_retain is not None else retain,
+            seed=args.pairing_seed,
+            index_offset=len(forget),
+        )
+
+    def _with_alternates(self, data: Dataset | list[dict], seed: int) -> Dataset:
+        """The forget rows, with the strategy's alternate answers (DPO-style methods) as an `alternate` column."""
+        dataset = as_dataset(data)
+        alternates = self.strategy.alternate_answers(dataset, seed)
+        if alternates is None or "alternate" in dataset.column_names:
+            return dataset
+        return dataset.add_column("alternate", alternates)
 
     # ---- reference ----
 
@@ -214,6 +237,15 @@ class UnlearningTrainer(Trainer):
 
     # ---- loss, evaluation, logging ----
 
+    def train(self, *args, **kwargs):
+        """Train; a one-shot strategy (task-vector negation, ...) applies its edit instead of a training loop."""
+        if not getattr(self.strategy, "one_shot", False):
+            return super().train(*args, **kwargs)
+        metrics = self.strategy.apply(self)
+        check_finite_weights(self.accelerator.unwrap_model(self.model))
+        self.log(dict(metrics))
+        return TrainOutput(self.state.global_step, 0.0, metrics)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ctx = StrategyContext(
             model=model,
@@ -222,6 +254,9 @@ class UnlearningTrainer(Trainer):
             forget_weight=self.args.forget_weight,
             retain_weight=self.args.retain_weight,
             retain_loss=self.args.retain_loss,
+            global_step=self.state.global_step,
+            epoch=self.state.epoch or 0.0,
+            training=model.training,
         )
         loss, metrics = self.strategy.compute_loss(ctx, inputs["forget"], inputs.get("retain"))
         if not torch.isfinite(loss):
@@ -348,10 +383,14 @@ def check_same_vocabulary(model: nn.Module, ref_model: nn.Module) -> None:
         )
 
 
+def as_dataset(data: Dataset | list[dict]) -> Dataset:
+    return data if isinstance(data, Dataset) else Dataset.from_list(list(data))
+
+
 def prepare_side(data: Dataset | list[dict], side_collator: Any, what: str) -> Dataset:
     """A `datasets.Dataset` of the side, tokenized once up front when the collator can tokenize, checked for
     emptiness and for rows with no scored token."""
-    dataset = data if isinstance(data, Dataset) else Dataset.from_list(list(data))
+    dataset = as_dataset(data)
     if len(dataset) == 0:
         raise ValueError(f"The {what} set is empty.")
     tokenize = getattr(side_collator, "tokenize", None)

@@ -46,7 +46,7 @@ def test_missing_retain_set_for_a_retain_strategy(tmp_path, tokenizer, tiny_llam
 
 
 def test_unknown_strategy_through_the_trainer(tmp_path, tokenizer, tiny_llama, tofu_slice):
-    with pytest.raises(ValueError, match="valid strategies: ga, grad_diff, npo, simnpo"):
+    with pytest.raises(ValueError, match=r"valid strategies: .*grad_diff, .*npo, .*simnpo"):
         UnlearningTrainer(
             tiny_llama,
             config(tmp_path, strategy="unlearn_harder"),

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,3 +61,20 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line)
     assert command in readme
+
+
+def test_demo_reads_local_tofu_files_and_a_local_model(tmp_path, tokenizer, tiny_llama):
+    """The online options, exercised offline: `--data_dir` with TOFU's split files and a model path."""
+    from erasus_hf.data.tofu import shared_tofu_dir
+    from erasus_hf.demo import _load_data, _starting_model
+
+    data_dir = shared_tofu_dir()
+    if data_dir is None:
+        pytest.skip("../shared/data/tofu (the full TOFU splits) is not beside this checkout")
+    forget, retain = _load_data(DemoArguments(data_dir=str(data_dir), forget_split="forget05"))
+    assert (len(forget), len(retain)) == (200, 400) and "perturbed_answer" in forget.column_names
+    tiny_llama.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    model, loaded_tokenizer = _starting_model(DemoArguments(model_name_or_path=str(tmp_path / "m")), forget, retain)
+    assert loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    assert all(torch.equal(p, model.get_parameter(n)) for n, p in tiny_llama.named_parameters())

@@ -224,3 +224,94 @@ def test_saved_config_is_json_and_strategy_recorded(tmp_path, tokenizer, tiny_ll
     strategy = json.loads((tmp_path / "out" / "strategy.json").read_text())
     assert strategy["name"] == "simnpo" and strategy["beta"] == 3.0 and strategy["gamma_margin"] == 0.0
     assert json.loads((tmp_path / "out" / "unlearning_config.json").read_text())["strategy"] == "simnpo"
+
+
+def test_copy_reference_stays_the_start_when_forward_was_patched(tmp_path, tokenizer, tiny_llama, tofu_slice):
+    """TRL's SFTTrainer leaves `model.forward` as a closure over the model; the frozen copy must not follow it."""
+    original = tiny_llama.forward
+    tiny_llama.forward = lambda *a, **kw: original(*a, **kw)
+    batch = {**tokenizer(["Question: who?"], return_tensors="pt")}
+    batch["labels"] = batch["input_ids"]
+    starting = tiny_llama(**batch).logits.detach()
+    forget, retain = (qa(d) for d in tofu_slice)
+    args = config(tmp_path, strategy="grad_diff", retain_loss="kl", max_steps=3, learning_rate=1e-2)
+    trainer = UnlearningTrainer(
+        tiny_llama, args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer
+    )
+    assert trainer.reference_mode == "copy"
+    trainer.train()
+    assert not torch.allclose(tiny_llama(**batch).logits, starting, atol=1e-4)
+    assert torch.allclose(trainer.reference.scores(trainer.objective, batch).logits, starting[:, :-1], atol=1e-6)
+
+
+def test_model_given_as_a_local_path_loads_with_its_tokenizer(tmp_path, tokenizer, tiny_llama, tofu_slice):
+    path = tmp_path / "finetuned"
+    tiny_llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    trainer = UnlearningTrainer(str(path), config(tmp_path, strategy="ga"), forget_dataset=qa(tofu_slice[0]))
+    assert isinstance(trainer.model, LlamaForCausalLM) and trainer.processing_class is not None
+    for name, p in tiny_llama.named_parameters():
+        assert torch.equal(p, trainer.model.get_parameter(name)), name
+
+
+def test_objective_gives_hidden_states_at_a_layer(tokenizer, tiny_llama):
+    from erasus_hf.data.collator import QACollator
+    from erasus_hf.objectives import CausalLMObjective
+
+    batch = QACollator(tokenizer)([{"question": "Who?", "answer": "Someone."}])
+    scores = CausalLMObjective().score(tiny_llama, batch, hidden_layer=1)
+    expected = tiny_llama(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(scores.hidden_states, expected, atol=1e-6)
+
+
+def test_evaluate_on_a_separate_forget_set_uses_its_own_cache_entries(tmp_path, tokenizer, tiny_llama, tofu_slice):
+    forget, retain = (qa(d) for d in tofu_slice)
+    train_forget, eval_forget = forget.select(range(20)), forget.select(range(20, 36))
+    trainer = UnlearningTrainer(
+        tiny_llama,
+        config(tmp_path, strategy="npo"),
+        forget_dataset=train_forget,
+        retain_dataset=retain,
+        processing_class=tokenizer,
+        eval_dataset={"forget": eval_forget, "retain": retain.select(range(16))},
+    )
+    assert trainer.reference.logprobs.shape[0] == 36  # one cache: training rows, then the eval rows
+    metrics = trainer.evaluate()
+    expected = answer_nll(tiny_llama, tokenizer, eval_forget["question"], eval_forget["answer"]).mean().item()
+    assert metrics["eval_forget_nll"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_npo_log_ratio"] == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ValueError, match="eval_dataset must be"):
+        UnlearningTrainer(
+            tiny_llama,
+            config(tmp_path, strategy="npo"),
+            forget_dataset=train_forget,
+            retain_dataset=retain,
+            processing_class=tokenizer,
+            eval_dataset={"test": eval_forget},
+        )
+
+
+def test_config_parses_from_the_command_line():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(UnlearningConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "x",
+            "--strategy",
+            "npo",
+            "--strategy_kwargs",
+            '{"beta": 0.2}',
+            "--use_peft",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--retain_loss",
+            "kl",
+        ]
+    )
+    assert args.strategy_kwargs == {"beta": 0.2} and args.use_peft and args.lora_target_modules == ["q_proj", "v_proj"]
+    assert "cached" in parser.format_help() and "--forget_weight" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", "x", "--retain_loss", "mse"])

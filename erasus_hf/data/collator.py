@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .formatting import PROMPT_TEMPLATE, format_completion, format_prompt
 
-PASSTHROUGH_KEYS = ("index",)
+PASSTHROUGH_KEYS = ("index", "slot")
 
 
 class QACollator:
@@ -38,8 +38,14 @@ class QACollator:
         self.answer_key = answer_key
         self.prompt_template = prompt_template
 
-    def tokenize(self, example: dict[str, Any]) -> dict[str, list[int]]:
-        """One QA example -> `input_ids` and `labels` (prompt masked with -100)."""
+    def tokenize(self, example: dict[str, Any]) -> dict[str, Any]:
+        """One QA example -> `input_ids` and `labels` (prompt masked with -100); an `alternate` answer (DPO-style
+        strategies) becomes a nested `alternate` with its own ids and labels."""
+        if example.get("alternate") is not None and not isinstance(example["alternate"], dict):
+            alternate = self.tokenize(
+                {self.question_key: example[self.question_key], self.answer_key: example["alternate"]}
+            )
+            return {**self.tokenize({k: v for k, v in example.items() if k != "alternate"}), "alternate": alternate}
         if "input_ids" in example:
             return {
                 "input_ids": list(example["input_ids"]),
@@ -73,6 +79,8 @@ class QACollator:
         for key in PASSTHROUGH_KEYS:
             if key in examples[0]:
                 out[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+        if examples[0].get("alternate") is not None:
+            out["alternate"] = self([e["alternate"] for e in examples])
         return out
 
 

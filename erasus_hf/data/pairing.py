@@ -13,7 +13,8 @@ class ForgetRetainDataset(Dataset):
 
     Retain partners come from a seeded permutation drawn anew each epoch (`set_epoch`, which the Trainer's data
     loader calls), so every retain example is used before any repeats and a run is reproducible. `index` lets a
-    cached reference look up the forget example's log-prob; `index_offset` keeps indices of several forget sets apart.
+    cached reference look up the forget example's log-prob (slot 0; a DPO-style `alternate` answer is slot 1);
+    `index_offset` keeps indices of several forget sets apart.
     """
 
     def __init__(self, forget: Any, retain: Any | None = None, seed: int = 0, index_offset: int = 0) -> None:
@@ -39,7 +40,10 @@ class ForgetRetainDataset(Dataset):
         return len(self.forget)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {"forget": {**self.forget[i], "index": self.index_offset + i}}
+        index = self.index_offset + i
+        item = {"forget": {**self.forget[i], "index": index}}
+        if isinstance(item["forget"].get("alternate"), dict):  # slot 1 of the cache: the alternate answer
+            item["forget"]["alternate"] = {**item["forget"]["alternate"], "index": index, "slot": 1}
         if self._partners is not None:
             item["retain"] = self.retain[int(self._partners[i])]
         return item

@@ -7,11 +7,12 @@ from torch import nn
 
 from .base import Objective, Scores, token_logprobs_from_logits
 
-_NOT_MODEL_INPUTS = ("labels", "index")
+_NOT_MODEL_INPUTS = ("labels", "index", "slot", "alternate")
 
 
 class ClassificationObjective(Objective):
-    """Calls `model(**inputs)` with every batch key but `labels`/`index`; reads `.logits` or the returned tensor."""
+    """Calls `model(**inputs)` with every batch key but labels and bookkeeping keys; reads `.logits` or the
+    returned tensor."""
 
     name = "classification"
 

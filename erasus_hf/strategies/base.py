@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -18,7 +18,8 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class StrategyContext:
     """Everything a strategy may use in one step: the model being trained, how to score it, the frozen reference,
-    and the weights of the forget (gamma) and retain (alpha) terms."""
+    the weights of the forget (gamma) and retain (alpha) terms, and where training is (optimizer step, epoch;
+    `training` is False under `evaluate()`, where stateful strategies must not update their state)."""
 
     model: nn.Module
     objective: Objective
@@ -26,9 +27,18 @@ class StrategyContext:
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     retain_loss: str = "nll"
+    global_step: int = 0
+    epoch: float = 0.0
+    training: bool = True
+    _scores: dict = field(default_factory=dict, repr=False)
 
     def score(self, batch: Batch, hidden_layer: int | None = None) -> Scores:
-        return self.objective.score(self.model, batch, hidden_layer=hidden_layer)
+        """Score `batch` with the model being trained; within one step each (batch, layer) is scored once, so
+        strategies combined in an ensemble share their forward passes."""
+        key = (id(batch), hidden_layer)
+        if key not in self._scores:
+            self._scores[key] = self.objective.score(self.model, batch, hidden_layer=hidden_layer)
+        return self._scores[key]
 
     def require_reference(self) -> Reference:
         if self.reference is None:
@@ -50,6 +60,14 @@ class Strategy:
     needs_reference: ClassVar[frozenset[str]] = frozenset()
     uses_retain: ClassVar[bool] = True
     objectives: ClassVar[tuple[str, ...]] = ("causal_lm", "classification")
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Called once before the optimizer is built; a method that trains only some parameters (e.g. RMU's chosen
+        layers) sets `requires_grad` here. The default trains what the caller left trainable."""
+
+    def alternate_answers(self, forget, seed: int) -> list[str] | None:
+        """DPO-style methods return one alternate answer per forget row (the preferred y_alt); others None."""
+        return None
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The forget term (before gamma) and diagnostics to log."""

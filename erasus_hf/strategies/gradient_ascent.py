@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from .base import Batch, Strategy, StrategyContext
+from .registry import register_strategy
 
 
+@register_strategy
 class GradientAscent(Strategy):
     """Gradient ascent (GA) on the forget set.
 
@@ -25,6 +27,7 @@ class GradientAscent(Strategy):
         return -nll, {"forget_nll": nll.detach()}
 
 
+@register_strategy
 class GradDiff(GradientAscent):
     """Gradient difference: ascend on forget, descend on retain.
 

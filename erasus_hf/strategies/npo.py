@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .base import Batch, Strategy, StrategyContext
+from .registry import register_strategy
 
 
+@register_strategy
 class NPO(Strategy):
     """Negative Preference Optimization.
 
@@ -36,6 +38,7 @@ class NPO(Strategy):
         return loss, {"npo_log_ratio": log_ratio.detach().mean()}
 
 
+@register_strategy
 class SimNPO(Strategy):
     """Simple NPO: NPO without a reference model, on the length-normalised likelihood.
 

@@ -1,0 +1,132 @@
+"""Composing strategies: a weighted ensemble in one step, and a pipeline of stages in sequence."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .base import Batch, Strategy, StrategyContext
+from .registry import get_strategy, register_strategy
+
+MemberSpec = tuple  # (name | Strategy, weight) or (name, weight, {hyperparameters})
+
+
+def _member(spec: MemberSpec | list) -> tuple[Strategy, float]:
+    if len(spec) == 2:
+        (strategy, weight), kwargs = spec, {}
+    elif len(spec) == 3:
+        strategy, weight, kwargs = spec
+    else:
+        raise ValueError(f"An ensemble member is (name, weight) or (name, weight, hyperparameters), got {spec!r}")
+    return get_strategy(strategy, **(kwargs or {})), float(weight)
+
+
+@register_strategy
+class EnsembleStrategy(Strategy):
+    """Weighted sum of several strategies' losses in one step: L = sum_i w_i L_i, each L_i with its own retain term.
+
+    `EnsembleStrategy([("npo", 1.0), ("rmu", 0.5, {"layer_id": 7})])`, or from a config:
+    `strategy="ensemble", strategy_kwargs={"members": [["npo", 1.0], ["simnpo", 0.5, {"beta": 3.0}]]}`.
+    Members share forward passes: the step's context scores each batch once. Metrics are logged per member as
+    `{name}/{metric}`. Needs what any member needs (retain set, reference quantities); serves the objectives all
+    members serve.
+    """
+
+    name = "ensemble"
+    paper = "composition of the members' papers"
+
+    def __init__(self, members: Sequence[MemberSpec] = ()) -> None:
+        if not members:
+            raise ValueError("EnsembleStrategy needs at least one (strategy, weight) member.")
+        self.members = [_member(spec) for spec in members]
+        names = [s.name for s, _ in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Ensemble members must be distinct strategies, got {names}")
+        self.needs_reference = frozenset().union(*(s.needs_reference for s, _ in self.members))
+        self.uses_retain = any(s.uses_retain for s, _ in self.members)
+        self.objectives = tuple(
+            o for o in self.members[0][0].objectives if all(o in s.objectives for s, _ in self.members)
+        )
+
+    @property
+    def hyperparameters(self) -> dict[str, object]:
+        return {"members": [[s.name, w, s.hyperparameters] for s, w in self.members]}
+
+    def needs_retain(self, retain_loss_name: str) -> bool:
+        return any(s.needs_retain(retain_loss_name) for s, _ in self.members)
+
+    def reference_quantities(self, retain_loss_name: str) -> frozenset[str]:
+        return frozenset().union(*(s.reference_quantities(retain_loss_name) for s, _ in self.members))
+
+    def prepare_model(self, model: nn.Module) -> None:
+        for strategy, _ in self.members:
+            strategy.prepare_model(model)
+
+    def alternate_answers(self, forget, seed: int) -> list[str] | None:
+        for strategy, _ in self.members:
+            answers = strategy.alternate_answers(forget, seed)
+            if answers is not None:
+                return answers
+        return None
+
+    def compute_loss(self, ctx: StrategyContext, forget: Batch, retain: Batch | None):
+        total, metrics = 0.0, {}
+        for strategy, weight in self.members:
+            loss, member_metrics = strategy.compute_loss(ctx, forget, retain)
+            total = total + weight * loss
+            metrics[f"{strategy.name}/loss"] = loss.detach()
+            metrics.update({f"{strategy.name}/{k}": v for k, v in member_metrics.items()})
+        return total, metrics
+
+
+class StrategyPipeline:
+    """Stages in sequence: each starts from the previous stage's model with a fresh optimizer, and the reference
+    stays the original model throughout (never re-copied from a half-unlearned model).
+
+    `StrategyPipeline([("ga", {"num_train_epochs": 1}), ("npo", {"strategy_kwargs": {"beta": 0.1}})])`: each stage is
+    (strategy name, overrides of `UnlearningConfig` fields for that stage). The original model as reference: without
+    PEFT, one frozen copy made before the first stage (each stage may still cache its log-probs from it); with a
+    fresh LoRA adapter, the adapter-off model; with a pre-trained adapter, one snapshot taken before the first stage.
+    """
+
+    def __init__(self, stages: Sequence[tuple[str, dict[str, Any]] | list]) -> None:
+        if not stages:
+            raise ValueError("StrategyPipeline needs at least one (strategy, overrides) stage.")
+        self.stages = [(name, dict(overrides or {})) for name, overrides in stages]
+        for name, overrides in self.stages:
+            get_strategy(name, **(overrides.get("strategy_kwargs") or {}))  # fail early on unknown names
+
+    def run(self, model: nn.Module, args, **trainer_kwargs: Any) -> list:
+        """Train every stage with `UnlearningTrainer(model, stage_args, **trainer_kwargs)`; return the trainers."""
+        from ..peft_utils import is_peft_model
+        from ..reference import ModelReference, active_adapter, snapshot_adapter
+        from ..trainer import UnlearningTrainer, frozen_copy
+
+        ref_model, reference = trainer_kwargs.pop("ref_model", None), None
+        peft = args.use_peft or trainer_kwargs.get("peft_config") is not None or is_peft_model(model)
+        if is_peft_model(model):
+            name = snapshot_adapter(model)
+            reference = ModelReference(model, "adapter", lambda: active_adapter(model, name))
+        elif not peft and ref_model is None:
+            ref_model = frozen_copy(model)
+        trainers = []
+        for i, (name, overrides) in enumerate(self.stages):
+            stage_args = dataclasses.replace(
+                args, strategy=name, output_dir=f"{args.output_dir}/stage_{i}_{name}", **overrides
+            )
+            if i > 0:
+                trainer_kwargs.pop("peft_config", None)  # the adapter of stage 0 carries on
+            stage_kwargs = dict(trainer_kwargs)
+            if not get_strategy(name, **stage_args.strategy_kwargs).needs_retain(stage_args.retain_loss):
+                stage_kwargs.pop("retain_dataset", None)
+            trainer = UnlearningTrainer(model, stage_args, ref_model=ref_model, reference=reference, **stage_kwargs)
+            if peft and reference is None:  # a fresh adapter: adapter-off is the original from now on
+                model_ = trainer.model
+                reference = ModelReference(model_, "adapter", model_.disable_adapter)
+            trainer.train()
+            model = trainer.model
+            trainers.append(trainer)
+        return trainers

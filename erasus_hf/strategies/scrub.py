@@ -1,0 +1,83 @@
+"""SCRUB: teacher-student unlearning with alternating max-steps (forget) and min-steps (retain)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..objectives import Scores
+from .base import Batch, Strategy, StrategyContext
+from .registry import register_strategy
+
+
+def distill_kl(student: Scores, teacher: Scores, temperature: float) -> torch.Tensor:
+    """[B] T^2 KL(p_T || p_S) with both distributions at temperature T, averaged over each example's scored
+    positions (SCRUB's `DistillKL`, per token for language models)."""
+    mask = student.mask
+    log_s = torch.log_softmax(student.logits[mask].float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher.logits[mask].float() / temperature, dim=-1)
+    per_token = torch.zeros(mask.shape, dtype=log_s.dtype, device=log_s.device)
+    per_token[mask] = (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2
+    return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+@register_strategy
+class SCRUB(Strategy):
+    """SCRUB (SCalable Remembering and Unlearning unBound).
+
+    Kurmanji, Triantafillou, Hayes, Triantafillou 2023, "Towards Unbounded Machine Unlearning" (arXiv:2302.09880).
+
+    Teacher = the reference (original model), student = the model trained. Optimizer steps alternate:
+    - max-step on the forget batch (only during the first `max_epochs` epochs, on even steps):
+      L = -KL_T(p_teacher || p_student),
+    - min-step on the retain batch (every other step, and every step after `max_epochs`):
+      L = gamma CE(retain) + alpha KL_T(p_teacher || p_student),
+    with KL_T the distillation KL at temperature T scaled by T^2, per answer token. Defaults are the paper's:
+    T = 4, alpha = 0.001, gamma = 0.99, max-steps during the first epoch. The paper alternates whole passes (one
+    max-epoch over the forget set, then min-epochs over retain); here the alternation is per optimizer step over
+    the paired batches, which keeps one optimizer and the forget set as the epoch anchor. `forget_weight` scales the
+    max-step, `retain_weight`/`retain_loss` are not used (the min-step is SCRUB's own). Under `evaluate()` both
+    terms are reported and the loss is the min-step's.
+    """
+
+    name = "scrub"
+    paper = "https://arxiv.org/abs/2302.09880"
+    needs_reference = frozenset({"scores"})
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.001, gamma: float = 0.99, max_epochs: int = 1):
+        if temperature <= 0:
+            raise ValueError(f"SCRUB needs temperature > 0, got {temperature}")
+        self.temperature = temperature
+        self.alpha = alpha
+        self.gamma = gamma
+        self.max_epochs = max_epochs
+
+    def needs_retain(self, retain_loss_name: str) -> bool:
+        return True
+
+    def reference_quantities(self, retain_loss_name: str) -> frozenset[str]:
+        return self.needs_reference
+
+    def is_max_step(self, ctx: StrategyContext) -> bool:
+        return ctx.training and ctx.epoch < self.max_epochs and ctx.global_step % 2 == 0
+
+    def max_loss(self, ctx: StrategyContext, forget: Batch) -> torch.Tensor:
+        teacher = ctx.require_reference().scores(ctx.objective, forget)
+        return -distill_kl(ctx.score(forget), teacher, self.temperature).mean()
+
+    def min_loss(self, ctx: StrategyContext, retain: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher = ctx.require_reference().scores(ctx.objective, retain)
+        student = ctx.score(retain)
+        kl = distill_kl(student, teacher, self.temperature).mean()
+        return self.gamma * student.mean_nll.mean() + self.alpha * kl, kl
+
+    def compute_loss(self, ctx: StrategyContext, forget: Batch, retain: Batch | None):
+        if retain is None:
+            raise ValueError("SCRUB needs a retain batch for its min-steps.")
+        if self.is_max_step(ctx):
+            loss = ctx.forget_weight * self.max_loss(ctx, forget)
+            return loss, {"scrub_forget_kl": -loss.detach() / ctx.forget_weight, "scrub_max_step": torch.tensor(1.0)}
+        loss, retain_kl = self.min_loss(ctx, retain)
+        metrics = {"scrub_retain_kl": retain_kl.detach(), "scrub_max_step": torch.tensor(0.0)}
+        if not ctx.training:
+            metrics["scrub_forget_kl"] = -self.max_loss(ctx, forget).detach()
+        return loss, metrics
