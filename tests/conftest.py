@@ -9,7 +9,9 @@ import pytest
 import torch
 from datasets import concatenate_datasets
 
+from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.data.tofu import demo_splits
+from erasus_hf.evaluation import answer_nll
 from erasus_hf.modeling.tiny import build_tiny_llama, sft_train, train_tokenizer
 
 torch.set_num_threads(2)
@@ -56,3 +58,50 @@ def memorised(_memorised):
 def qa(dataset):
     """Only the question/answer columns (what the unlearning collator reads)."""
     return dataset.select_columns(["question", "answer"])
+
+
+def nll(model, tokenizer, dataset) -> float:
+    """Mean answer NLL (nats per answer token) of `model` on TOFU rows."""
+    return answer_nll(model, tokenizer, dataset["question"], dataset["answer"]).mean().item()
+
+
+def unlearn(
+    model,
+    tokenizer,
+    tofu_slice,
+    tmp_path,
+    strategy,
+    kwargs=None,
+    lr=2e-3,
+    epochs=5,
+    use_peft=True,
+    with_retain=True,
+    **config,
+):
+    """Run `strategy` on the (forget, retain) slice with the behavioural tests' settings; return the trainer."""
+    forget, retain = tofu_slice
+    args = UnlearningConfig(
+        output_dir=str(tmp_path),
+        strategy=strategy,
+        strategy_kwargs=kwargs,
+        use_peft=use_peft,
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=8,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        **config,
+    )
+    trainer = UnlearningTrainer(
+        model,
+        args,
+        forget_dataset=qa(forget),
+        retain_dataset=qa(retain) if with_retain else None,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    return trainer

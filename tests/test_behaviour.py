@@ -4,14 +4,9 @@ unlikely, and (for methods with a retain term) the retain answers stayed likely 
 import pytest
 import torch
 
-from erasus_hf import ErasusUnlearner, UnlearningConfig, UnlearningTrainer
-from erasus_hf.evaluation import answer_nll
+from erasus_hf import ErasusUnlearner
 
-from .conftest import qa
-
-
-def nll(model, tokenizer, dataset):
-    return answer_nll(model, tokenizer, dataset["question"], dataset["answer"]).mean().item()
+from .conftest import nll, qa, unlearn
 
 
 def test_the_starting_model_memorised_both_sets(_memorised, tokenizer, tofu_slice):
@@ -38,27 +33,17 @@ def test_unlearning_raises_forget_nll_and_holds_retain(
 ):
     forget, retain = tofu_slice
     forget_before, retain_before = nll(memorised, tokenizer, forget), nll(memorised, tokenizer, retain)
-    args = UnlearningConfig(
-        output_dir=str(tmp_path),
-        strategy=strategy,
-        use_peft=lora,
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=8,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = UnlearningTrainer(
+    trainer = unlearn(
         memorised,
-        args,
-        forget_dataset=qa(forget),
-        retain_dataset=None if strategy == "ga" else qa(retain),
-        processing_class=tokenizer,
+        tokenizer,
+        tofu_slice,
+        tmp_path,
+        strategy,
+        lr=lr,
+        epochs=epochs,
+        use_peft=lora,
+        with_retain=strategy != "ga",
     )
-    trainer.train()
     forget_after, retain_after = nll(trainer.model, tokenizer, forget), nll(trainer.model, tokenizer, retain)
     print(
         f"{strategy} lora={lora}: forget {forget_before:.3f}->{forget_after:.3f}, "

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from erasus_hf import UnlearningConfig, UnlearningTrainer
+from erasus_hf import UnlearningTrainer
 from erasus_hf.evaluation import answer_nll
 from erasus_hf.reference import CachedReference
 from erasus_hf.strategies import get_strategy
 from erasus_hf.strategies.dpo import load_refusals
 
-from .conftest import qa
+from .conftest import nll, qa, unlearn
 from .test_formulas import LABELS, LOGITS, batch, ctx, hand_token_logprobs, log_softmax_list
 from .test_trainer import config
 
@@ -107,37 +107,20 @@ def test_idk_dpo_cached_and_copy_reference_agree(tmp_path, tokenizer, tiny_llama
 
 def test_idk_dpo_makes_the_model_prefer_refusals(tmp_path, memorised, tokenizer, tofu_slice):
     forget, retain = tofu_slice
-    refusal = load_refusals()[0]
-    before_forget = answer_nll(memorised, tokenizer, forget["question"], forget["answer"]).mean().item()
-    before_idk = answer_nll(memorised, tokenizer, forget["question"], [refusal] * len(forget)).mean().item()
-    before_retain = answer_nll(memorised, tokenizer, retain["question"], retain["answer"]).mean().item()
-    args = UnlearningConfig(
-        output_dir=str(tmp_path),
-        strategy="idk_dpo",
-        use_peft=True,
-        learning_rate=2e-3,
-        num_train_epochs=10,
-        per_device_train_batch_size=8,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = UnlearningTrainer(
-        memorised, args, forget_dataset=qa(forget), retain_dataset=qa(retain), processing_class=tokenizer
-    )
-    trainer.train()
-    model = trainer.model
-    after_forget = answer_nll(model, tokenizer, forget["question"], forget["answer"]).mean().item()
-    after_idk = answer_nll(model, tokenizer, forget["question"], [refusal] * len(forget)).mean().item()
-    after_retain = answer_nll(model, tokenizer, retain["question"], retain["answer"]).mean().item()
+    refusals = [load_refusals()[0]] * len(forget)
+
+    def idk_nll(model):
+        return answer_nll(model, tokenizer, forget["question"], refusals).mean().item()
+
+    before = nll(memorised, tokenizer, forget), idk_nll(memorised), nll(memorised, tokenizer, retain)
+    model = unlearn(memorised, tokenizer, tofu_slice, tmp_path, "idk_dpo", lr=2e-3, epochs=10).model
+    after = nll(model, tokenizer, forget), idk_nll(model), nll(model, tokenizer, retain)
     print(
-        f"idk_dpo: forget {before_forget:.3f}->{after_forget:.3f}, refusal {before_idk:.3f}->{after_idk:.3f}, "
-        f"retain {before_retain:.3f}->{after_retain:.3f}"
+        f"idk_dpo: forget {before[0]:.3f}->{after[0]:.3f}, refusal {before[1]:.3f}->{after[1]:.3f}, "
+        f"retain {before[2]:.3f}->{after[2]:.3f}"
     )
     # Measured here: forget +0.29 nats/token (-17 nats per answer), refusal -2.8, retain +0.008. DPO moves the
     # log-ratio margin; most of it goes into making the refusal likelier.
-    assert after_forget - before_forget > 0.15
-    assert after_idk < before_idk - 1.5
-    assert after_retain - before_retain < 0.2
+    assert after[0] - before[0] > 0.15
+    assert after[1] < before[1] - 1.5
+    assert after[2] - before[2] < 0.2

@@ -7,17 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-import erasus_hf.strategies.pdu  # noqa: F401  (registration)
-import erasus_hf.strategies.rmu  # noqa: F401  (registration)
-from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.data.collator import QACollator
-from erasus_hf.evaluation import answer_nll
 from erasus_hf.objectives import CausalLMObjective, Objective, Scores, token_logprobs_from_logits
 from erasus_hf.reference import Reference
 from erasus_hf.strategies import StrategyContext, get_strategy
 from erasus_hf.strategies.rmu import LayerOutputObjective, answer_positions
 
-from .conftest import qa
+from .conftest import nll, unlearn
 
 # ---------------------------------------------------------------- stand-ins
 
@@ -62,10 +58,6 @@ def context(objective, model=None, reference=None, gamma=1.0, alpha=1.0, retain_
         global_step=step,
         training=training,
     )
-
-
-def nll(model, tokenizer, dataset):
-    return answer_nll(model, tokenizer, dataset["question"], dataset["answer"]).mean().item()
 
 
 # ---------------------------------------------------------------- RMU formulas
@@ -313,30 +305,6 @@ def test_pdu_dual_ascent_once_per_step_after_warmup_clamped_at_zero():
 
 
 # ---------------------------------------------------------------- behaviour on the memorised Llama
-
-
-def unlearn(model, tokenizer, tofu_slice, tmp_path, strategy, kwargs, lr, epochs, use_peft):
-    forget, retain = tofu_slice
-    args = UnlearningConfig(
-        output_dir=str(tmp_path),
-        strategy=strategy,
-        strategy_kwargs=kwargs,
-        use_peft=use_peft,
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=8,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = UnlearningTrainer(
-        model, args, forget_dataset=qa(forget), retain_dataset=qa(retain), processing_class=tokenizer
-    )
-    trainer.train()
-    return trainer
 
 
 def rmu_activation_stats(model, tokenizer, dataset, rmu):

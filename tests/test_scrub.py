@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
-from erasus_hf import UnlearningConfig, UnlearningTrainer
-from erasus_hf.evaluation import answer_nll
+from erasus_hf import UnlearningTrainer
 from erasus_hf.strategies import get_strategy
 
-from .conftest import qa
+from .conftest import nll, qa, unlearn
 from .test_formulas import LABELS, LOGITS, LogitsReference, batch, ctx, log_softmax_list
 
 REF_LOGITS = torch.tensor(
@@ -84,32 +83,11 @@ def test_scrub_needs_a_reference_and_retain(tmp_path, tokenizer, tiny_llama, tof
 
 def test_scrub_forgets_on_real_tofu(tmp_path, memorised, tokenizer, tofu_slice):
     forget, retain = tofu_slice
-
-    def nll(model, data):
-        return answer_nll(model, tokenizer, data["question"], data["answer"]).mean().item()
-
-    forget_before, retain_before = nll(memorised, forget), nll(memorised, retain)
-    args = UnlearningConfig(
-        output_dir=str(tmp_path),
-        strategy="scrub",
-        use_peft=True,
-        learning_rate=2e-3,
-        num_train_epochs=6,
-        per_device_train_batch_size=8,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-        strategy_kwargs={"max_epochs": 4},
-    )
-    trainer = UnlearningTrainer(
-        memorised, args, forget_dataset=qa(forget), retain_dataset=qa(retain), processing_class=tokenizer
-    )
+    before = nll(memorised, tokenizer, forget), nll(memorised, tokenizer, retain)
+    trainer = unlearn(memorised, tokenizer, tofu_slice, tmp_path, "scrub", {"max_epochs": 4}, lr=5e-3, epochs=6)
     assert trainer.reference_mode == "adapter"
-    trainer.train()
-    forget_after, retain_after = nll(trainer.model, forget), nll(trainer.model, retain)
-    print(f"scrub: forget {forget_before:.3f}->{forget_after:.3f}, retain {retain_before:.3f}->{retain_after:.3f}")
+    after = nll(trainer.model, tokenizer, forget), nll(trainer.model, tokenizer, retain)
+    print(f"scrub: forget {before[0]:.3f}->{after[0]:.3f}, retain {before[1]:.3f}->{after[1]:.3f}")
     # Measured here: forget 0.011 -> 1.44, retain 0.012 -> 0.07 (10 max-steps of 30).
-    assert forget_after - forget_before > 1.0
-    assert retain_after - retain_before < 0.2
+    assert after[0] - before[0] > 1.0
+    assert after[1] - before[1] < 0.2

@@ -7,14 +7,11 @@ import time
 import pytest
 import torch
 
-import erasus_hf.strategies.token_weighted  # noqa: F401  (registers the strategies)
-from erasus_hf import UnlearningConfig, UnlearningTrainer
-from erasus_hf.evaluation import answer_nll
 from erasus_hf.strategies import get_strategy
 from erasus_hf.strategies.token_weighted import CEU, UNDIAL, WGA, SatImp
-from tests.test_formulas import LABELS, LOGITS, LogitsObjective, LogitsReference, batch, ctx, log_softmax_list
 
-from .conftest import qa
+from .conftest import nll, unlearn
+from .test_formulas import LABELS, LOGITS, LogitsObjective, LogitsReference, batch, ctx, log_softmax_list
 
 # Answer positions of LABELS (row-major): (0, 1), (0, 2) for example 0; (1, 0), (1, 1) for example 1.
 POSITIONS = [[(0, 1), (0, 2)], [(1, 0), (1, 1)]]
@@ -249,10 +246,6 @@ def test_misaligned_labels_fail_loudly():
 # ---- behaviour ---------------------------------------------------------------------------------------------------
 
 
-def nll(model, tokenizer, dataset):
-    return answer_nll(model, tokenizer, dataset["question"], dataset["answer"]).mean().item()
-
-
 # The starting model's answer NLL is ~0.01 nats/token on both sets; bounds are rises in nats/token. LoRA, batch 8,
 # constant lr, NLL retain term, alpha = 1. (strategy, learning rate, epochs, gamma, min forget rise, max retain rise)
 # Measured here, forget rise / retain rise (repeat runs on CPU differ a little): wga 10.3-10.8 / 0.07-0.09,
@@ -275,25 +268,8 @@ def test_unlearning_raises_forget_nll_and_holds_retain(
 ):
     forget, retain = tofu_slice
     forget_before, retain_before = nll(memorised, tokenizer, forget), nll(memorised, tokenizer, retain)
-    args = UnlearningConfig(
-        output_dir=str(tmp_path),
-        strategy=strategy,
-        use_peft=True,
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        forget_weight=gamma,
-        per_device_train_batch_size=8,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
     start = time.perf_counter()
-    trainer = UnlearningTrainer(
-        memorised, args, forget_dataset=qa(forget), retain_dataset=qa(retain), processing_class=tokenizer
-    )
-    trainer.train()
+    trainer = unlearn(memorised, tokenizer, tofu_slice, tmp_path, strategy, lr=lr, epochs=epochs, forget_weight=gamma)
     forget_rise = nll(trainer.model, tokenizer, forget) - forget_before
     retain_rise = nll(trainer.model, tokenizer, retain) - retain_before
     print(f"{strategy}: forget +{forget_rise:.3f}, retain +{retain_rise:.3f} ({time.perf_counter() - start:.1f}s)")
