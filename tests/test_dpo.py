@@ -1,6 +1,5 @@
 """DPO / IdkDPO: formula, alternate-answer plumbing, cached reference, behaviour on real TOFU."""
 
-import copy
 import math
 
 import pytest
@@ -88,21 +87,6 @@ def test_dpo_needs_an_alternate_column(tmp_path, tokenizer, tiny_llama, tofu_sli
     )
     alternate = next(iter(trainer.get_train_dataloader()))["forget"]["alternate"]
     assert (alternate["slot"] == 1).all() and (alternate["labels"] != -100).any()
-
-
-def test_idk_dpo_cached_and_copy_reference_agree(tmp_path, tokenizer, tiny_llama, tofu_slice):
-    forget, retain = (qa(d).select(range(16)) for d in tofu_slice)
-    histories = []
-    for mode in ("cached", "copy"):
-        args = config(tmp_path, strategy="idk_dpo", reference=mode, max_steps=3, learning_rate=5e-3)
-        trainer = UnlearningTrainer(
-            copy.deepcopy(tiny_llama), args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer
-        )
-        trainer.train()
-        logs = [h for h in trainer.state.log_history if "loss" in h]
-        histories.append([h["loss"] for h in logs] + [h["dpo_margin"] for h in logs])
-    assert histories[0] == pytest.approx(histories[1], rel=1e-4, abs=1e-5)
-    assert histories[0][-1] > 1e-3  # the refusal became relatively likelier than the forget answer
 
 
 def test_idk_dpo_makes_the_model_prefer_refusals(tmp_path, memorised, tokenizer, tofu_slice):

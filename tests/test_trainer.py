@@ -124,21 +124,28 @@ def test_pretrained_adapter_is_snapshot_as_reference(tmp_path, tokenizer, tiny_l
     assert not any(REFERENCE_ADAPTER in k for k in load_file(tmp_path / "out" / "adapter_model.safetensors"))
 
 
-def test_cached_and_on_the_fly_reference_give_the_same_losses(tmp_path, tokenizer, tiny_llama, tofu_slice):
+# (strategy, its diagnostic, the sign the diagnostic takes once training moved away from the reference)
+CACHEABLE = [("npo", "npo_log_ratio", -1), ("idk_dpo", "dpo_margin", 1)]
+
+
+@pytest.mark.parametrize(("strategy", "diagnostic", "sign"), CACHEABLE)
+def test_cached_and_on_the_fly_reference_give_the_same_losses(
+    tmp_path, tokenizer, tiny_llama, tofu_slice, strategy, diagnostic, sign
+):
     forget, retain = (qa(d).select(range(16)) for d in tofu_slice)
     histories = []
     for mode in ("cached", "copy"):
-        args = config(tmp_path, strategy="npo", reference=mode, max_steps=3, learning_rate=5e-3)
+        args = config(tmp_path, strategy=strategy, reference=mode, max_steps=3, learning_rate=5e-3)
         trainer = UnlearningTrainer(
             copy.deepcopy(tiny_llama), args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer
         )
         assert trainer.reference_mode == mode
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h]
-        histories.append([h["loss"] for h in logs] + [h["npo_log_ratio"] for h in logs])
+        histories.append([h["loss"] for h in logs] + [h[diagnostic] for h in logs])
     assert len(histories[0]) == 6
     assert histories[0] == pytest.approx(histories[1], rel=1e-4, abs=1e-5)
-    assert histories[0][-1] < -1e-3  # the log-ratio moved away from 0: the reference is really the start
+    assert sign * histories[0][-1] > 1e-3  # the diagnostic moved away from 0: the reference is really the start
 
 
 def test_reference_free_strategies_build_none(tmp_path, tokenizer, tiny_llama, tofu_slice):
