@@ -113,16 +113,17 @@ class Strategy:
         return f"{type(self).__name__}({args})"
 
 
-def kl_to_reference(policy: Scores, reference: Scores) -> torch.Tensor:
+def kl_to_reference(policy: Scores, reference: Scores, temperature: float = 1.0) -> torch.Tensor:
     """[B] KL(pi_ref || pi_theta) per token, averaged over each example's scored tokens.
 
-    KL = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)), computed from the logits at the answer positions only.
+    KL = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)), computed from the logits at the answer positions only. With
+    a temperature T both distributions are softened by T and the KL is scaled by T^2 (distillation, as in SCRUB).
     """
     mask = policy.mask
-    log_p = torch.log_softmax(policy.logits[mask].float(), dim=-1)
-    log_q = torch.log_softmax(reference.logits[mask].float(), dim=-1)
+    log_p = torch.log_softmax(policy.logits[mask].float() / temperature, dim=-1)
+    log_q = torch.log_softmax(reference.logits[mask].float() / temperature, dim=-1)
     per_token = torch.zeros(mask.shape, dtype=log_p.dtype, device=log_p.device)
-    per_token[mask] = (log_q.exp() * (log_q - log_p)).sum(-1)
+    per_token[mask] = (log_q.exp() * (log_q - log_p)).sum(-1) * temperature**2
     return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
 
 

@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..objectives import Scores
-from .base import Batch, Strategy, StrategyContext
+from .base import Batch, Strategy, StrategyContext, kl_to_reference
 from .registry import register_strategy
-
-
-def distill_kl(student: Scores, teacher: Scores, temperature: float) -> torch.Tensor:
-    """[B] T^2 KL(p_T || p_S) with both distributions at temperature T, averaged over each example's scored
-    positions (SCRUB's `DistillKL`, per token for language models)."""
-    mask = student.mask
-    log_s = torch.log_softmax(student.logits[mask].float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher.logits[mask].float() / temperature, dim=-1)
-    per_token = torch.zeros(mask.shape, dtype=log_s.dtype, device=log_s.device)
-    per_token[mask] = (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2
-    return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
 
 
 @register_strategy
@@ -62,12 +50,12 @@ class SCRUB(Strategy):
 
     def max_loss(self, ctx: StrategyContext, forget: Batch) -> torch.Tensor:
         teacher = ctx.require_reference().scores(ctx.objective, forget)
-        return -distill_kl(ctx.score(forget), teacher, self.temperature).mean()
+        return -kl_to_reference(ctx.score(forget), teacher, self.temperature).mean()
 
     def min_loss(self, ctx: StrategyContext, retain: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         teacher = ctx.require_reference().scores(ctx.objective, retain)
         student = ctx.score(retain)
-        kl = distill_kl(student, teacher, self.temperature).mean()
+        kl = kl_to_reference(student, teacher, self.temperature).mean()
         return self.gamma * student.mean_nll.mean() + self.alpha * kl, kl
 
     def compute_loss(self, ctx: StrategyContext, forget: Batch, retain: Batch | None):
