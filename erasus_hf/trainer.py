@@ -153,7 +153,10 @@ class UnlearningTrainer(Trainer):
         if self.reference_mode == "copy" and ref_model is None and reference is None:
             ref_model = frozen_copy(starting_model)
 
-        forget = prepare_side(self._with_alternates(forget_dataset, args.seed), side_collator, "forget")
+        # the rows as given: one-shot strategies that re-read text (WHP's anchored terms, pipelines) use them
+        self.forget_rows = self._with_alternates(forget_dataset, args.seed)
+        self.retain_rows = as_dataset(retain_dataset) if retain_dataset is not None else None
+        forget = prepare_side(self.forget_rows, side_collator, "forget")
         retain = prepare_side(retain_dataset, side_collator, "retain") if retain_dataset is not None else None
         warn_overlap(forget, retain)
         train_dataset = ForgetRetainDataset(forget, retain, seed=args.pairing_seed)

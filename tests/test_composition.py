@@ -1,6 +1,7 @@
 """EnsembleStrategy (weighted sum, shared forward passes) and StrategyPipeline (reference stays the original)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -89,3 +90,33 @@ def test_pipeline_keeps_the_original_model_as_reference(tmp_path, tokenizer, tin
     assert not torch.allclose(current, original, atol=1e-2)
     if lora:
         assert list(trainers[1].model.peft_config) == ["default"]  # no snapshot of a half-unlearned adapter
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_pipeline_by_name_from_the_config(tmp_path, tokenizer, tiny_llama, tofu_slice, lora):
+    """`strategy="pipeline"`: the stages run inside one trainer's `train()`, share its reference to the original
+    model, and the trainer saves the final model."""
+    forget, retain = (qa(d) for d in tofu_slice)
+    original, batch = _forget_logprob(copy.deepcopy(tiny_llama), tokenizer, forget)
+    stages = [["ga", {"max_steps": 3}], ["npo", {"max_steps": 2, "strategy_kwargs": {"beta": 0.2}}]]
+    args = config(
+        tmp_path,
+        strategy="pipeline",
+        strategy_kwargs=json.dumps({"stages": stages}),
+        use_peft=lora,
+        learning_rate=1e-2,
+        retain_loss="kl",
+    )
+    trainer = UnlearningTrainer(
+        tiny_llama, args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer
+    )
+    assert trainer.reference_mode == ("adapter" if lora else "copy")
+    output = trainer.train()
+    assert output.metrics["stage_0_ga/train_loss"] < 0 < output.metrics["stage_1_npo/train_loss"]
+    assert trainer.state.global_step == 5
+    reference = trainer.reference.scores(trainer.objective, batch).sequence_logprob
+    assert torch.allclose(reference, original, atol=1e-4)
+    current, _ = _forget_logprob(trainer.model, tokenizer, forget)
+    assert (current < original - 1.0).all()
+    trainer.save_model()
+    assert json.loads((tmp_path / "out" / "strategy.json").read_text())["stages"] == stages

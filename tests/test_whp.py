@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import torch
 
 from erasus_hf import UnlearningConfig, UnlearningTrainer
@@ -21,9 +20,68 @@ def test_generic_labels_suppress_what_reinforcement_raised():
     assert get_strategy("whp").alpha == 5.0
 
 
-def test_anchored_terms_are_refused_not_ignored():
-    with pytest.raises(NotImplementedError, match="anchored-term"):
-        get_strategy("whp", anchored_terms={"Hogwarts": "the academy"})
+def test_anchored_terms_translate_and_align_token_by_token(tokenizer):
+    from erasus_hf.data.anchored import anchored_example, translate
+    from erasus_hf.data.collator import QACollator
+
+    terms = {"Kuwait City": "a large city", "Kuwait": "his country", "Al-Kuwaiti": "Smith"}
+    translation = translate("Al-Kuwaiti was born in Kuwait City, Kuwait. Kuwaiti", terms)
+    assert translation.translated == "Smith was born in a large city, his country. Kuwaiti"  # whole words only
+    assert translation.shift(translation.original.index("was")) == translation.translated.index("was")
+    assert translation.shift(translation.original.index("City")) is None
+
+    collator = QACollator(tokenizer)
+    row = {"question": "Where was Al-Kuwaiti born?", "answer": "He was born in Kuwait City, Kuwait."}
+    example = anchored_example(collator, row, terms)
+    assert example["input_ids"] == collator.tokenize(row)["input_ids"]  # the original tokenizes as in training
+    assert example["labels"] == collator.tokenize(row)["labels"]
+    assert tokenizer.decode(example["translated_ids"]).endswith("He was born in a large city, his country.</s>")
+    original = [tokenizer.decode([t]) for t in example["input_ids"]]
+    translated = [tokenizer.decode([t]) for t in example["translated_ids"]]
+    pairs = [(o, translated[j] if j >= 0 else None) for o, j in zip(original, example["alignment"], strict=True)]
+    # tokens outside the terms pair with themselves; each term's first token pairs with its replacement's first
+    # token; the term's other tokens pair with nothing
+    starts = [(o, t) for o, t in pairs if t is not None and o != t]
+    terms_in_order = [(" Al-Kuwaiti", " Smith"), (" Kuwait City", " a large city"), (" Kuwait", " his country")]
+    assert len(starts) == 3
+    for (o, t), (term, generic) in zip(starts, terms_in_order, strict=True):
+        assert term.startswith(o) and generic.startswith(t)
+    unaligned = "".join(o for o, t in pairs if t is None)
+    assert unaligned == "".join(term.removeprefix(o) for (o, _), (term, _) in zip(starts, terms_in_order))
+
+
+def test_anchored_generic_targets_come_from_the_translated_text(tmp_path, tokenizer, tiny_llama, tofu_slice):
+    """With alpha = 0 each generic target is the base's argmax on the *translated* text at the aligned position: after
+    "born in" it is what the base predicts before the generic term. Tokens inside a term get no target."""
+    import contextlib
+
+    from erasus_hf.data.anchored import anchored_example
+    from erasus_hf.data.collator import QACollator
+
+    forget = qa(tofu_slice[0]).select(range(6))
+    terms = {"Basil Mahfouz Al-Kuwaiti": "the author", "Kuwait City": "a large city", "Kuwait": "his country"}
+    args = UnlearningConfig(
+        output_dir=str(tmp_path),
+        strategy="whp",
+        strategy_kwargs={"anchored_terms": terms, "alpha": 0.0},
+        report_to="none",
+        per_device_eval_batch_size=4,
+    )
+    trainer = UnlearningTrainer(tiny_llama, args, forget_dataset=forget, processing_class=tokenizer)
+    generic = trainer.strategy._generic_dataset(trainer, tiny_llama, tiny_llama, contextlib.nullcontext)
+    collator, checked = QACollator(tokenizer), 0
+    for row, out in zip(forget, generic, strict=True):
+        example = anchored_example(collator, row, terms)
+        with torch.no_grad():
+            logits = tiny_llama(torch.tensor([example["translated_ids"]])).logits[0]
+        assert out["input_ids"] == example["input_ids"]
+        for i, (label, j) in enumerate(zip(example["labels"], example["alignment"], strict=True)):
+            if label == -100 or j < 0:  # the prompt, or inside an anchored term
+                assert out["labels"][i] == -100
+            else:
+                assert out["labels"][i] == logits[j - 1].argmax().item()
+                checked += 1
+    assert checked > 100 and trainer.strategy.counts["whp_untrained_tokens"] > 0
 
 
 def test_whp_trains_towards_the_generic_targets(tmp_path, tokenizer, tofu_slice):

@@ -100,29 +100,45 @@ class StrategyPipeline:
             get_strategy(name, **(overrides.get("strategy_kwargs") or {}))  # fail early on unknown names
 
     def run(self, model: nn.Module, args, **trainer_kwargs: Any) -> list:
-        """Train every stage with `UnlearningTrainer(model, stage_args, **trainer_kwargs)`; return the trainers."""
+        """Train every stage with `UnlearningTrainer(model, stage_args, **trainer_kwargs)`; return the trainers.
+
+        `reference=` (an already built reference to the original model) is shared by every stage as it is."""
         from ..peft_utils import is_peft_model
         from ..reference import ModelReference, active_adapter, snapshot_adapter
         from ..trainer import UnlearningTrainer, frozen_copy
 
-        ref_model, reference = trainer_kwargs.pop("ref_model", None), None
+        ref_model, reference = trainer_kwargs.pop("ref_model", None), trainer_kwargs.pop("reference", None)
         peft = args.use_peft or trainer_kwargs.get("peft_config") is not None or is_peft_model(model)
-        if is_peft_model(model):
+        stage_args = [
+            dataclasses.replace(
+                args,
+                strategy=name,
+                output_dir=f"{args.output_dir}/stage_{i}_{name}",
+                **{"strategy_kwargs": {}, **overrides},
+            )
+            for i, (name, overrides) in enumerate(self.stages)
+        ]
+        strategies = [get_strategy(a.strategy, **a.strategy_kwargs) for a in stage_args]
+        needs = [bool(s.reference_quantities(a.retain_loss)) for s, a in zip(strategies, stage_args, strict=True)]
+        if reference is None and any(needs) and is_peft_model(model):
             name = snapshot_adapter(model)
             reference = ModelReference(model, "adapter", lambda: active_adapter(model, name))
-        elif not peft and ref_model is None:
+        elif reference is None and any(needs) and not peft and ref_model is None:
             ref_model = frozen_copy(model)
         trainers = []
-        for i, (name, overrides) in enumerate(self.stages):
-            stage_args = dataclasses.replace(
-                args, strategy=name, output_dir=f"{args.output_dir}/stage_{i}_{name}", **overrides
-            )
+        for i, (strategy, stage_arg) in enumerate(zip(strategies, stage_args, strict=True)):
             if i > 0:
                 trainer_kwargs.pop("peft_config", None)  # the adapter of stage 0 carries on
             stage_kwargs = dict(trainer_kwargs)
-            if not get_strategy(name, **stage_args.strategy_kwargs).needs_retain(stage_args.retain_loss):
+            if not strategy.needs_retain(stage_arg.retain_loss):
                 stage_kwargs.pop("retain_dataset", None)
-            trainer = UnlearningTrainer(model, stage_args, ref_model=ref_model, reference=reference, **stage_kwargs)
+            trainer = UnlearningTrainer(
+                model,
+                stage_arg,
+                ref_model=ref_model if needs[i] else None,
+                reference=reference if needs[i] else None,
+                **stage_kwargs,
+            )
             if peft and reference is None:  # a fresh adapter: adapter-off is the original from now on
                 model_ = trainer.model
                 reference = ModelReference(model_, "adapter", model_.disable_adapter)
@@ -130,3 +146,59 @@ class StrategyPipeline:
             model = trainer.model
             trainers.append(trainer)
         return trainers
+
+
+@register_strategy
+class PipelineStrategy(Strategy):
+    """`StrategyPipeline` by name, for configs and YAML recipes:
+    `strategy="pipeline", strategy_kwargs={"stages": [["ga", {"max_steps": 20}], ["npo", {"retain_loss": "kl"}]]}`.
+
+    One-shot from the trainer's point of view: `train()` runs the stages on the trainer's model (with its adapter,
+    if any) and the trainer's raw forget/retain rows. The trainer builds one reference to the original model for all
+    stages: the adapter-off model with a fresh LoRA adapter, a frozen copy otherwise (never a cache: the stages'
+    batches differ from the trainer's).
+    """
+
+    name = "pipeline"
+    paper = "composition of the stages' papers"
+    one_shot = True
+
+    def __init__(self, stages: Sequence[tuple[str, dict[str, Any]] | list] = ()) -> None:
+        self.pipeline = StrategyPipeline(stages)
+        self.stages = [
+            (get_strategy(name, **(overrides.get("strategy_kwargs") or {})), overrides)
+            for name, overrides in self.pipeline.stages
+        ]
+        self.uses_retain = any(s.uses_retain for s, _ in self.stages)
+        first = self.stages[0][0]
+        self.objectives = tuple(o for o in first.objectives if all(o in s.objectives for s, _ in self.stages))
+
+    @property
+    def hyperparameters(self) -> dict[str, object]:
+        return {"stages": [[name, overrides] for name, overrides in self.pipeline.stages]}
+
+    def needs_retain(self, retain_loss_name: str) -> bool:
+        return any(s.needs_retain(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)
+
+    def reference_quantities(self, retain_loss_name: str) -> frozenset[str]:
+        needed = any(s.reference_quantities(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)
+        return frozenset({"scores"}) if needed else frozenset()
+
+    def apply(self, trainer) -> dict[str, float]:
+        trainers = self.pipeline.run(
+            trainer.model,
+            trainer.args,
+            reference=trainer.reference,
+            forget_dataset=trainer.forget_rows,
+            retain_dataset=trainer.retain_rows,
+            processing_class=trainer.processing_class,
+            data_collator=trainer.data_collator.side_collator,
+            objective=trainer.objective,
+        )
+        trainer.state.global_step = sum(t.state.global_step for t in trainers)
+        return {
+            f"stage_{i}_{t.strategy.name}/{key}": value
+            for i, t in enumerate(trainers)
+            for key, value in t.state.log_history[-1].items()
+            if key.startswith("train_")
+        }

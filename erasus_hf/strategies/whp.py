@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader
 
+from ..data.anchored import anchored_example
+from ..data.collator import QACollator
+from ..peft_utils import is_peft_model
 from ..reference import eval_mode
 from .base import Strategy
 from .registry import register_strategy
@@ -16,19 +18,23 @@ from .task_vector import finetune_on_forget
 
 @register_strategy
 class WHP(Strategy):
-    """Who's Harry Potter (WHP), the reinforcement-bootstrapping part.
+    """Who's Harry Potter (WHP).
 
     Eldan & Russinovich 2023, "Who's Harry Potter? Approximate Unlearning in LLMs" (arXiv:2310.02238).
 
     1. Reinforced model: the base fine-tuned further on the forget set (the run's own training arguments).
     2. Generic predictions, teacher-forced on the forget text at every answer position:
        v_generic = v_base - alpha ReLU(v_reinforced - v_base) (logits), target = argmax v_generic.
-    3. The base is fine-tuned towards those targets on the forget text (the run's training arguments again).
+       With an anchored-term dictionary (`anchored_terms={"Hogwarts": "the academy", ...}`) v_base is the base
+       model's prediction on the *translated* text, at the aligned position (`erasus_hf.data.anchored`), while
+       v_reinforced reads the original text; the tokens inside an anchored term after its first have no generic
+       target and are not trained on (the paper's caveat about repeated terms). This is our reading of the paper's
+       "combine the reinforced and the anchored-term predictions"; it publishes no code.
+    3. The base is fine-tuned towards those targets on the original forget text (the run's training arguments).
     With PEFT the reinforced model is the adapter trained in step 1 (base = adapter off); its B matrices are then
-    reset to zero and the same adapter is trained in step 3, so no second model is held. alpha = 5 (an assumption:
-    the value we could not verify in the paper's text; tune it). The paper's second ingredient, the anchored-term
-    dictionary (idiosyncratic terms replaced by generic ones, with token alignment), is not implemented: passing
-    `anchored_terms` fails rather than being ignored.
+    reset to zero and the same adapter is trained in step 3, so no second model is held. alpha = 5 is our default:
+    the paper gives the formula but we could not verify its value of alpha; tune it. Anchored terms need raw
+    question/answer rows and a fast tokenizer.
     """
 
     name = "whp"
@@ -38,43 +44,64 @@ class WHP(Strategy):
     objectives = ("causal_lm",)
 
     def __init__(self, alpha: float = 5.0, anchored_terms: dict[str, str] | None = None) -> None:
-        if anchored_terms:
-            raise NotImplementedError(
-                "WHP's anchored-term translation (with its token alignment) is not implemented; "
-                "run WHP without anchored_terms."
-            )
         self.alpha = alpha
-        self.anchored_terms = anchored_terms
+        self.anchored_terms = dict(anchored_terms or {})
 
     def generic_labels(self, logits_base: torch.Tensor, logits_reinforced: torch.Tensor) -> torch.Tensor:
         """argmax of v_base - alpha ReLU(v_reinforced - v_base), per position."""
         generic = logits_base - self.alpha * torch.relu(logits_reinforced - logits_base)
         return generic.argmax(-1)
 
+    def _rows(self, trainer) -> list[dict]:
+        """Forget rows with `input_ids`, `labels`, `translated_ids` and `alignment` (identity without anchors)."""
+        if not self.anchored_terms:
+            return [
+                {**row, "translated_ids": row["input_ids"], "alignment": list(range(len(row["input_ids"])))}
+                for row in trainer.train_dataset.forget.select_columns(["input_ids", "labels"])
+            ]
+        collator = trainer.data_collator.side_collator
+        if not isinstance(collator, QACollator) or collator.question_key not in trainer.forget_rows.column_names:
+            raise ValueError("WHP's anchored terms translate raw question/answer rows read by the QACollator.")
+        return [anchored_example(collator, row, self.anchored_terms) for row in trainer.forget_rows]
+
     @torch.no_grad()
     def _generic_dataset(self, trainer, base, reinforced, base_context) -> Dataset:
-        side_collator, objective = trainer.data_collator.side_collator, trainer.objective
-        forget = trainer.train_dataset.forget
-        rows = []
-        loader = DataLoader(forget, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=side_collator)
-        for batch in loader:
-            batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
+        side_collator, objective, device = trainer.data_collator.side_collator, trainer.objective, trainer.args.device
+        rows, out = self._rows(trainer), []
+        self.counts = {"whp_changed_targets": 0.0, "whp_untrained_tokens": 0.0}
+        size = trainer.args.per_device_eval_batch_size
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            original = side_collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in chunk])
+            translated = side_collator([{"input_ids": r["translated_ids"]} for r in chunk])
+            original, translated = ({k: v.to(device) for k, v in b.items()} for b in (original, translated))
             with eval_mode(reinforced):
-                logits_reinforced = objective.score(reinforced, batch).logits
+                logits_reinforced = objective.score(reinforced, original).logits
             with base_context(), eval_mode(base):
-                scores = objective.score(base, batch)
-            targets = self.generic_labels(scores.logits, logits_reinforced)
-            labels = batch["labels"].clone()
-            labels[:, 1:][scores.mask] = targets[scores.mask]
-            for ids, lab, attention in zip(batch["input_ids"], labels, batch["attention_mask"], strict=True):
-                keep = attention.bool()
-                rows.append({"input_ids": ids[keep].tolist(), "labels": lab[keep].tolist()})
-        return Dataset.from_list(rows)
+                logits_base = objective.score(base, translated).logits
+            for b, row in enumerate(chunk):
+                # logits[:, k] predicts the token at padded index k + 1, whichever side the padding is on
+                pos_o = original["attention_mask"][b].nonzero()[:, 0]
+                pos_t = translated["attention_mask"][b].nonzero()[:, 0]
+                scored = [
+                    (i, j)
+                    for i, (label, j) in enumerate(zip(row["labels"], row["alignment"], strict=True))
+                    if label != -100 and i > 0
+                ]
+                aligned = torch.tensor([(i, j) for i, j in scored if j > 0], dtype=torch.long).view(-1, 2)
+                targets = self.generic_labels(
+                    logits_base[b, pos_t[aligned[:, 1]] - 1], logits_reinforced[b, pos_o[aligned[:, 0]] - 1]
+                )
+                labels = [-100] * len(row["labels"])
+                for i, target in zip(aligned[:, 0].tolist(), targets.tolist(), strict=True):
+                    labels[i] = target
+                    self.counts["whp_changed_targets"] += target != row["labels"][i]
+                self.counts["whp_untrained_tokens"] += len(scored) - len(aligned)  # inside anchored terms
+                out.append({"input_ids": row["input_ids"], "labels": labels})
+        return Dataset.from_list(out)
 
     def apply(self, trainer) -> dict[str, float]:
-        import contextlib
-
-        from ..peft_utils import is_peft_model
+        from ..trainer import frozen_copy
 
         model = trainer.model
         if is_peft_model(model):
@@ -85,14 +112,9 @@ class WHP(Strategy):
                     if "lora_B" in name and param.requires_grad:
                         param.zero_()
         else:
-            reinforced = copy.deepcopy(model)
-            reinforced.__dict__.pop("forward", None)  # see trainer.frozen_copy
+            reinforced = frozen_copy(model)
             finetune_on_forget(trainer, reinforced)
             generic = self._generic_dataset(trainer, model, reinforced, contextlib.nullcontext)
             del reinforced
-        changed = sum(
-            sum(a != b for a, b in zip(g, o, strict=True))
-            for g, o in zip(generic["labels"], trainer.train_dataset.forget["labels"], strict=True)
-        )
         finetune_on_forget(trainer, model, dataset=generic)
-        return {"whp_alpha": self.alpha, "whp_changed_targets": float(changed)}
+        return {"whp_alpha": self.alpha, **self.counts}
