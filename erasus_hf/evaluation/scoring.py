@@ -1,0 +1,103 @@
+"""Teacher-forced token statistics in one batched forward pass: what every likelihood metric reads.
+
+One pass over a batch gives, for each scored token, its log-probability, the model's greedy prediction and the mean
+and standard deviation of log p under the model's own next-token distribution (Min-K%++). Metrics (truth ratio, MIA
+scores, exact memorization, ...) are functions of these, so a suite scores each example once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..data.collator import QACollator
+from ..reference import eval_mode
+
+
+@dataclass
+class TokenStats:
+    """One example's scored tokens (answer tokens of a QA row; every token after the first of a text).
+
+    `logprobs[t] = log p(y_t | y_<t)`, `targets[t] = y_t`, `argmax[t]` the model's greedy prediction at that
+    position, `mean[t]` and `std[t]` the mean and standard deviation of log p(z) for z ~ p(. | y_<t).
+    """
+
+    logprobs: torch.Tensor
+    targets: torch.Tensor
+    argmax: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood over the scored tokens."""
+        return -self.logprobs.mean().item()
+
+
+def qa_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 32,
+    max_length: int = 512,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of question/answer rows in the training layout (prompt masked, EOS appended)."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
+    collator = QACollator(tokenizer, max_length=max_length)
+    rows = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
+    for start in range(0, len(rows), batch_size):
+        yield collator(rows[start : start + batch_size])
+
+
+def text_batches(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 32, max_length: int = 512
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of plain texts, every token after the first scored (membership inference on raw text)."""
+    collator = QACollator(tokenizer, max_length=max_length)
+    for start in range(0, len(texts), batch_size):
+        ids = [
+            tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
+            for t in texts[start : start + batch_size]
+        ]
+        yield collator([{"input_ids": i, "labels": i} for i in ids])
+
+
+@torch.no_grad()
+def token_stats(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], desc: str | None = None, total: int | None = None
+) -> list[TokenStats]:
+    """TokenStats of every example of `batches` (collated causal-LM batches with `labels`), in order."""
+    device = next(model.parameters()).device
+    out: list[TokenStats] = []
+    with eval_mode(model):
+        for batch in tqdm(batches, desc=desc, total=total, disable=desc is None, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            logits = model(**inputs).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            for b in range(labels.shape[0]):
+                scored = logits[b][mask[b]].float()
+                if scored.shape[0] == 0:
+                    raise ValueError("An example has no scored token (all labels are -100).")
+                logp = torch.log_softmax(scored, dim=-1)
+                probs = logp.exp()
+                mean = (probs * logp).sum(-1)
+                var = (probs * logp.square()).sum(-1) - mean.square()
+                targets = labels[b][mask[b]]
+                out.append(
+                    TokenStats(
+                        logprobs=logp.gather(-1, targets[:, None])[:, 0].cpu(),
+                        targets=targets.cpu(),
+                        argmax=scored.argmax(-1).cpu(),
+                        mean=mean.cpu(),
+                        std=var.clamp_min(0).sqrt().cpu(),
+                    )
+                )
+    return out
