@@ -7,7 +7,10 @@ import sys
 
 from transformers import HfArgumentParser
 
-COMMANDS = {"demo": "Offline demo: learn real TOFU authors from scratch, then unlearn two with NPO + LoRA."}
+COMMANDS = {
+    "demo": "Offline demo: learn real TOFU authors from scratch, then unlearn two with NPO + LoRA.",
+    "evaluate": "Evaluate a model or adapter (TOFU, MUSE, MIA, memorization) and write the evaluation JSON.",
+}
 
 
 def _usage() -> str:
@@ -28,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         parser = HfArgumentParser(DemoArguments, prog="erasus-hf demo", description=COMMANDS["demo"])
         (args,) = parser.parse_args_into_dataclasses(rest)
         run_demo(args)
+        return 0
+    if command == "evaluate":
+        from .scripts.evaluate import EvaluateArguments, run_evaluate
+
+        parser = HfArgumentParser(EvaluateArguments, prog="erasus-hf evaluate", description=COMMANDS["evaluate"])
+        (args,) = parser.parse_args_into_dataclasses(rest)
+        run_evaluate(args)
         return 0
     print(f"erasus-hf: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2

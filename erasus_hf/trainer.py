@@ -9,6 +9,7 @@ import logging
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ from transformers.trainer_utils import TrainOutput
 from .config import UnlearningConfig
 from .data.collator import NestedCollator, QACollator, default_side_collator
 from .data.pairing import ForgetRetainDataset
+from .evaluation.result import EvaluationResult
+from .evaluation.suite import Evaluator, MetricSuite
 from .objectives import Objective, get_objective
 from .peft_utils import is_peft_model, prepare_peft
 from .reference import (
@@ -78,6 +81,13 @@ class UnlearningTrainer(Trainer):
         eval_dataset: `{"forget": ds, "retain": ds}` for `evaluate()`; defaults to the training forget/retain sets.
         objective: "causal_lm", "classification" or an `Objective`; detected from the model when None.
         reference: an already built `Reference` to use as it is (`StrategyPipeline` passes the original model's).
+        evaluators: a `MetricSuite`, or evaluator names/objects for one, run by every `evaluate()` (so at each
+            `eval_strategy` step) on top of the loss metrics; its summary numbers are logged as `eval_{name}` and can
+            be `metric_for_best_model` (e.g. `"tofu/forget_quality"`, `"combined_score"`).
+        evaluation_data: the data for named evaluators, passed to `MetricSuite.run` (`tofu=`, `holdout=`, ...);
+            `forget`/`retain` default to the rows given as forget_dataset/retain_dataset.
+        evaluation_reference: the retain-model evaluation (an `EvaluationResult` or its JSON path) that forget
+            quality and PrivLeak compare against.
     """
 
     _tag_names = ["erasus-hf", "unlearning"]
@@ -98,6 +108,9 @@ class UnlearningTrainer(Trainer):
         reference: Reference | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
+        evaluators: MetricSuite | Sequence[str | Evaluator] | None = None,
+        evaluation_data: dict[str, Any] | None = None,
+        evaluation_reference: EvaluationResult | str | os.PathLike | None = None,
     ) -> None:
         args = args if args is not None else UnlearningConfig(output_dir="erasus_hf_output")
         if not isinstance(args, UnlearningConfig):
@@ -175,6 +188,14 @@ class UnlearningTrainer(Trainer):
             optimizers=optimizers,
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if evaluators is not None and not isinstance(evaluators, MetricSuite):
+            evaluators = MetricSuite(evaluators)
+        self.metric_suite: MetricSuite | None = evaluators
+        self.evaluation_data = {"forget": self.forget_rows, "retain": self.retain_rows, **(evaluation_data or {})}
+        if isinstance(evaluation_reference, (str, os.PathLike)):
+            evaluation_reference = EvaluationResult.load(evaluation_reference)
+        self.evaluation_reference: EvaluationResult | None = evaluation_reference
+        self.last_evaluation: EvaluationResult | None = None
         self.reference: Reference | None = reference or self._build_reference(ref_model, had_adapter)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([*self._tag_names, self.strategy.name])
@@ -304,6 +325,15 @@ class UnlearningTrainer(Trainer):
         for key, values in self._metrics["eval"].items():
             output.metrics[f"{metric_key_prefix}_{key}"] = sum(values) / len(values)
         self._metrics["eval"].clear()
+        if self.metric_suite is not None:
+            self.last_evaluation = self.metric_suite.run(
+                self.accelerator.unwrap_model(self.model),
+                self.processing_class,
+                **self.evaluation_data,
+                reference=self.evaluation_reference,
+            )
+            self.last_evaluation.meta["global_step"] = self.state.global_step
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.last_evaluation.summary.items()})
         return output
 
     # ---- saving ----

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.collator import QACollator
 from ..reference import eval_mode
+from .distributed import map_sharded
 
 
 @dataclass
@@ -68,36 +69,44 @@ def text_batches(
         yield collator([{"input_ids": i, "labels": i} for i in ids])
 
 
-@torch.no_grad()
 def token_stats(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], desc: str | None = None, total: int | None = None
 ) -> list[TokenStats]:
-    """TokenStats of every example of `batches` (collated causal-LM batches with `labels`), in order."""
+    """TokenStats of every example of `batches` (collated causal-LM batches with `labels`), in order; the batches
+    are split across processes when several run (`distributed.map_sharded`)."""
+    batches = list(batches)
+    per_batch = map_sharded(
+        lambda block: [_batch_stats(model, b) for b in tqdm(block, desc=desc, disable=desc is None, leave=False)],
+        batches,
+    )
+    return [stats for batch in per_batch for stats in batch]
+
+
+@torch.no_grad()
+def _batch_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[TokenStats]:
     device = next(model.parameters()).device
-    out: list[TokenStats] = []
+    batch = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     with eval_mode(model):
-        for batch in tqdm(batches, desc=desc, total=total, disable=desc is None, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            logits = model(**inputs).logits[:, :-1]
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            for b in range(labels.shape[0]):
-                scored = logits[b][mask[b]].float()
-                if scored.shape[0] == 0:
-                    raise ValueError("An example has no scored token (all labels are -100).")
-                logp = torch.log_softmax(scored, dim=-1)
-                probs = logp.exp()
-                mean = (probs * logp).sum(-1)
-                var = (probs * logp.square()).sum(-1) - mean.square()
-                targets = labels[b][mask[b]]
-                out.append(
-                    TokenStats(
-                        logprobs=logp.gather(-1, targets[:, None])[:, 0].cpu(),
-                        targets=targets.cpu(),
-                        argmax=scored.argmax(-1).cpu(),
-                        mean=mean.cpu(),
-                        std=var.clamp_min(0).sqrt().cpu(),
-                    )
-                )
+        logits = model(**inputs).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    out = []
+    for b in range(labels.shape[0]):
+        scored = logits[b][mask[b]].float()
+        if scored.shape[0] == 0:
+            raise ValueError("An example has no scored token (all labels are -100).")
+        logp = torch.log_softmax(scored, dim=-1)
+        mean = (logp.exp() * logp).sum(-1)
+        var = (logp.exp() * logp.square()).sum(-1) - mean.square()
+        targets = labels[b][mask[b]]
+        out.append(
+            TokenStats(
+                logprobs=logp.gather(-1, targets[:, None])[:, 0].cpu(),
+                targets=targets.cpu(),
+                argmax=scored.argmax(-1).cpu(),
+                mean=mean.cpu(),
+                std=var.clamp_min(0).sqrt().cpu(),
+            )
+        )
     return out

@@ -1,0 +1,123 @@
+"""`MetricSuite`: several evaluators, one model, one `EvaluationResult`.
+
+`MetricSuite(["tofu", "mia", "memorization"]).run(model, tokenizer, tofu=TOFUDataset.load("forget10"),
+holdout=holdout_rows, reference="retain_eval.json")` builds each named evaluator from the data given to `run`
+(evaluator objects can be passed instead of names), runs them, and merges their numbers. The saved JSON is the
+reference input of a later run's forget quality (TOFU) and PrivLeak (MUSE).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .result import EvaluationResult
+
+EVALUATORS = ("tofu", "muse", "mia", "memorization")
+
+
+class Evaluator(Protocol):
+    """Anything with a `name` and `evaluate(model, tokenizer, reference) -> EvaluationResult`."""
+
+    name: str
+
+    def evaluate(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
+    ) -> EvaluationResult: ...
+
+
+def combined_score(forget_quality: float, model_utility: float) -> float:
+    """sqrt(forget quality x model utility): one number for `metric_for_best_model` that rewards a 10x better
+    forget quality (a p-value, spread over orders of magnitude) as much as a 10x better model utility."""
+    return math.sqrt(max(forget_quality, 0.0) * max(model_utility, 0.0))
+
+
+def _build(name: str, data: dict[str, Any], options: dict[str, Any]) -> Evaluator:
+    def need(*keys: str) -> list[Any]:
+        missing = [k for k in keys if data.get(k) is None]
+        if missing:
+            raise ValueError(f"The {name!r} evaluator needs {missing} passed to MetricSuite.run.")
+        return [data[k] for k in keys]
+
+    kwargs = options.get(name, {})
+    if name == "tofu":
+        from .tofu import TOFUEvaluator
+
+        return TOFUEvaluator(*need("tofu"), **kwargs)
+    if name == "muse":
+        from .muse import MUSEEvaluator
+
+        return MUSEEvaluator(*need("muse"), **kwargs)
+    if name == "mia":
+        from .mia import MIAEvaluator
+
+        members, nonmembers = need("forget", "holdout")
+        return MIAEvaluator(members, nonmembers, **kwargs)
+    if name == "memorization":
+        from .memorization import MemorizationEvaluator
+
+        splits = {k: data[k] for k in ("forget", "retain") if data.get(k) is not None}
+        if not splits:
+            need("forget")
+        return MemorizationEvaluator(splits, **kwargs)
+    raise ValueError(f"Unknown evaluator {name!r}; valid names: {', '.join(EVALUATORS)}")
+
+
+class MetricSuite:
+    """Run evaluators and merge their results.
+
+    Args:
+        evaluators: names from `EVALUATORS` and/or evaluator objects.
+        options: per-name keyword arguments for the named evaluators, e.g. `{"tofu": {"batch_size": 16}}`.
+    """
+
+    def __init__(
+        self, evaluators: Sequence[str | Evaluator], options: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        if not evaluators:
+            raise ValueError(f"MetricSuite needs at least one evaluator; valid names: {', '.join(EVALUATORS)}")
+        unknown = [e for e in evaluators if isinstance(e, str) and e not in EVALUATORS]
+        if unknown:
+            raise ValueError(f"Unknown evaluator(s) {unknown}; valid names: {', '.join(EVALUATORS)}")
+        self.evaluators = list(evaluators)
+        self.options = options or {}
+
+    def run(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        tofu: Any = None,
+        muse: Any = None,
+        forget: Any = None,
+        retain: Any = None,
+        holdout: Any = None,
+        reference: EvaluationResult | str | Path | None = None,
+    ) -> EvaluationResult:
+        """Evaluate `model`. `forget`/`retain` default to the TOFU data's splits; `holdout` (never trained on) is
+        the non-member set of membership inference; `reference` (a result or its JSON path) is the retain-model run
+        that forget quality and PrivLeak compare against."""
+        if isinstance(reference, (str, Path)):
+            reference = EvaluationResult.load(reference)
+        if tofu is not None:
+            forget = forget if forget is not None else tofu.forget
+            retain = retain if retain is not None else getattr(tofu, "retain", None)
+        data = {"tofu": tofu, "muse": muse, "forget": forget, "retain": retain, "holdout": holdout}
+        result = EvaluationResult(meta={"model": type(model).__name__, "evaluators": []})
+        for spec in self.evaluators:
+            evaluator = _build(spec, data, self.options) if isinstance(spec, str) else spec
+            start = time.perf_counter()
+            part = evaluator.evaluate(model, tokenizer, reference=reference)
+            part.meta[f"{evaluator.name}/seconds"] = round(time.perf_counter() - start, 3)
+            result.update(part)
+            result.meta["evaluators"].append(evaluator.name)
+        summary = result.summary
+        if "tofu/forget_quality" in summary and "tofu/model_utility" in summary:
+            summary["combined_score"] = combined_score(summary["tofu/forget_quality"], summary["tofu/model_utility"])
+        return result

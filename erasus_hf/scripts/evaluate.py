@@ -1,0 +1,91 @@
+"""`erasus-hf evaluate`: evaluate a model (or an unlearning adapter) and write the JSON a later run uses as reference.
+
+    erasus-hf evaluate --model retain_model --benchmark tofu --forget_split forget10 --output retain_eval.json
+    erasus-hf evaluate --model unlearned --benchmark tofu mia --holdout_split holdout10 \\
+        --reference retain_eval.json --output eval.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..evaluation.result import EvaluationResult
+from ..evaluation.suite import EVALUATORS, MetricSuite
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "Model to evaluate: a Hub id or a folder (a full model or a PEFT adapter)."})
+    benchmark: list[str] = field(
+        default_factory=lambda: ["tofu"], metadata={"help": f"Evaluators to run, any of: {', '.join(EVALUATORS)}."}
+    )
+    output: str = field(default="eval.json", metadata={"help": "Where the evaluation JSON goes."})
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "The retain model's evaluation JSON: forget quality (TOFU) and PrivLeak (MUSE) need it."},
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model of an adapter (default: the adapter config's base model)."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Local TOFU folder ({split}.json files); default: the Hub (locuslab/TOFU)."}
+    )
+    forget_split: str = field(
+        default="forget10", metadata={"help": "TOFU forget split: forget01, forget05, forget10."}
+    )
+    holdout_split: str | None = field(
+        default=None, metadata={"help": "TOFU split never trained on: the non-members of membership inference (mia)."}
+    )
+    muse_data_dir: str | None = field(default=None, metadata={"help": "Local MUSE folder; default: the Hub."})
+    muse_corpus: str = field(default="news", metadata={"help": "MUSE corpus: news or books."})
+    max_examples: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows of each split."})
+    batch_size: int = field(default=32, metadata={"help": "Examples per forward pass / generation batch."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
+
+
+def load_model(path: str, base_model: str | None = None):
+    """(model, tokenizer) from a full-model folder or a PEFT adapter folder (its base from `base_model` or the
+    adapter config)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from peft import PeftConfig, PeftModel
+
+        base = base_model or PeftConfig.from_pretrained(path).base_model_name_or_path
+        if not base:
+            raise ValueError(f"{path} holds an adapter whose config names no base model; pass --base_model.")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
+        has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+        return model, AutoTokenizer.from_pretrained(path if has_tokenizer else base)
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def run_evaluate(args: EvaluateArguments) -> EvaluationResult:
+    from ..data.tofu import TOFUDataset, load_tofu
+
+    model, tokenizer = load_model(args.model, args.base_model)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = {}
+    if {"tofu", "mia", "memorization"} & set(args.benchmark):
+        tofu = TOFUDataset.load(args.forget_split, data_dir=args.data_dir)
+        data["tofu"] = tofu.select(args.max_examples) if args.max_examples else tofu
+    if "mia" in args.benchmark:
+        if args.holdout_split is None:
+            raise ValueError("--benchmark mia needs --holdout_split: rows the model never trained on.")
+        holdout = load_tofu(args.holdout_split, data_dir=args.data_dir)
+        data["holdout"] = holdout.select(range(min(len(holdout), args.max_examples or len(holdout))))
+    if "muse" in args.benchmark:
+        from ..data.muse import MUSEDataset
+
+        data["muse"] = MUSEDataset.load(args.muse_corpus, data_dir=args.muse_data_dir)
+    options = {name: {"batch_size": args.batch_size} for name in args.benchmark}
+    result = MetricSuite(args.benchmark, options=options).run(model, tokenizer, reference=args.reference, **data)
+    result.meta.update({"model_path": args.model, "forget_split": args.forget_split, "reference": args.reference})
+    if PartialState().is_main_process:  # every process holds the gathered result; one writes it
+        result.save(args.output)
+        print(json.dumps(result.summary, indent=2))
+    return result
