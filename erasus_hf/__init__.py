@@ -1,6 +1,7 @@
 """erasus_hf: machine unlearning as a native extension of the Hugging Face stack."""
 
 from .config import UnlearningConfig
+from .evaluation import EvaluationResult, MetricSuite, UnlearningEarlyStoppingCallback
 from .objectives import CausalLMObjective, ClassificationObjective, Objective, Scores, get_objective
 from .strategies import STRATEGIES, Strategy, get_strategy, register_strategy
 from .trainer import UnlearningTrainer
@@ -13,10 +14,13 @@ __all__ = [
     "CausalLMObjective",
     "ClassificationObjective",
     "ErasusUnlearner",
+    "EvaluationResult",
+    "MetricSuite",
     "Objective",
     "Scores",
     "Strategy",
     "UnlearningConfig",
+    "UnlearningEarlyStoppingCallback",
     "UnlearningResult",
     "UnlearningTrainer",
     "get_objective",

@@ -8,6 +8,7 @@ See ``tofu_demo/README.md`` for what the slice holds and its attribution.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -69,3 +70,87 @@ def shared_tofu_dir() -> Path | None:
     """
     path = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tofu"
     return path if path.is_dir() else None
+
+
+TOFU_EVAL_SPLITS = ("forget", "retain", "real_authors", "world_facts")
+"""The four evaluation sets of TOFU, in the order the evaluator visits them."""
+
+_PARAPHRASED_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+_FACT_COLUMNS = ("question", "answer", "perturbed_answer")
+TOFU_EVAL_COLUMNS = {
+    "forget": _PARAPHRASED_COLUMNS,
+    "retain": _PARAPHRASED_COLUMNS,
+    "real_authors": _FACT_COLUMNS,
+    "world_facts": _FACT_COLUMNS,
+}
+"""Columns each evaluation set needs; real_authors and world_facts have no paraphrased answer."""
+
+
+@dataclass
+class TOFUDataset:
+    """TOFU's evaluation sets (Maini et al. 2024, arXiv:2401.06121), any of them ``None`` when not evaluated.
+
+    ``forget``: ``{forget_split}_perturbed``; ``retain``: ``retain_perturbed`` (400 rows of the retain authors);
+    ``real_authors``: ``real_authors_perturbed`` (100 questions on real authors); ``world_facts``:
+    ``world_facts_perturbed`` (117 world facts). Columns are checked on construction (see ``TOFU_EVAL_COLUMNS``);
+    ``perturbed_answer`` is a list with the same number of answers on every row of a set.
+    """
+
+    forget: Dataset | None = None
+    retain: Dataset | None = None
+    real_authors: Dataset | None = None
+    world_facts: Dataset | None = None
+    forget_split: str = "forget10"
+
+    def __post_init__(self) -> None:
+        if not self.splits():
+            raise ValueError(f"A TOFUDataset needs at least one of {TOFU_EVAL_SPLITS}.")
+        for name, dataset in self.splits().items():
+            missing = [c for c in TOFU_EVAL_COLUMNS[name] if c not in dataset.column_names]
+            if missing:
+                raise ValueError(
+                    f"TOFU {name!r} set lacks the columns {missing}; it has {dataset.column_names} "
+                    f"(needs {list(TOFU_EVAL_COLUMNS[name])})."
+                )
+            if len(dataset) == 0:
+                raise ValueError(f"TOFU {name!r} set is empty.")
+            counts = {len(p) for p in dataset["perturbed_answer"]}
+            if 0 in counts or len(counts) != 1:
+                raise ValueError(
+                    f"TOFU {name!r} set: every row needs the same, non-zero number of perturbed answers; "
+                    f"found counts {sorted(counts)}."
+                )
+
+    @classmethod
+    def load(
+        cls,
+        forget_split: str = "forget10",
+        data_dir: str | Path | None = None,
+        hub_id: str = "locuslab/TOFU",
+        splits: tuple[str, ...] = TOFU_EVAL_SPLITS,
+    ) -> TOFUDataset:
+        """Load the evaluation sets named in `splits` with :func:`load_tofu` (the Hub when `data_dir` is None, else
+        the ``*_perturbed.json`` files of `data_dir`). `forget_split` is ``"forget01"``, ``"forget05"`` or
+        ``"forget10"``."""
+        unknown = [s for s in splits if s not in TOFU_EVAL_SPLITS]
+        if unknown or not splits:
+            raise ValueError(f"splits must be a non-empty subset of {TOFU_EVAL_SPLITS}, got {tuple(splits)}.")
+        configs = {
+            "forget": f"{forget_split}_perturbed",
+            "retain": "retain_perturbed",
+            "real_authors": "real_authors_perturbed",
+            "world_facts": "world_facts_perturbed",
+        }
+        loaded = {s: load_tofu(configs[s], data_dir=data_dir, hub_id=hub_id) for s in splits}
+        return cls(**loaded, forget_split=forget_split)
+
+    def splits(self) -> dict[str, Dataset]:
+        """The sets present, by name, in ``TOFU_EVAL_SPLITS`` order."""
+        return {s: getattr(self, s) for s in TOFU_EVAL_SPLITS if getattr(self, s) is not None}
+
+    def select(self, n: int) -> TOFUDataset:
+        """The first `n` rows of every set (all rows of a smaller set), for quick runs."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        subsets = {s: d.select(range(min(n, len(d)))) for s, d in self.splits().items()}
+        return TOFUDataset(**subsets, forget_split=self.forget_split)

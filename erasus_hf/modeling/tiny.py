@@ -17,6 +17,7 @@ the joined string equals concatenating the separately tokenized pieces. The toke
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -187,12 +188,14 @@ def sft_train(
         max_length=model.config.max_position_embeddings,
         # TRL defaults that suit large GPU models, not a tiny float32 model on CPU:
         bf16=False,
-        activation_checkpointing=False,
         report_to="none",
         save_strategy="no",
         logging_steps=0.25,
         dataloader_pin_memory=False,
     )
+    # transformers renamed gradient_checkpointing to activation_checkpointing; TRL turns it on by default
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    settings["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
     settings.update(config_overrides)
     args = SFTConfig(**settings)
     trainer = SFTTrainer(

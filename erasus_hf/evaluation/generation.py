@@ -1,0 +1,104 @@
+"""Batched greedy generation and the ROUGE-L scores that compare a generation with a reference.
+
+Generation pads on the LEFT (the prompt must end right where the new tokens start), while the tokenizers of this
+package pad on the right for training: the padding side is passed to each tokenizer call, so the tokenizer itself is
+never modified. Only the new tokens are decoded.
+
+ROUGE-L (Lin 2004, "ROUGE: A Package for Automatic Evaluation of Summaries") is computed with Google's
+``rouge_score`` package, ``RougeScorer(["rougeL"], use_stemmer=True)``: both strings are lower-cased, split into
+alphanumeric tokens and Porter-stemmed; with LCS the length of their longest common subsequence of tokens,
+``recall = LCS / len(reference tokens)``, ``precision = LCS / len(prediction tokens)`` and
+``F1 = 2 P R / (P + R)`` (0 when either is 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+from rouge_score import rouge_scorer
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..reference import eval_mode
+from .distributed import map_sharded
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    desc: str | None = None,
+    sharded: bool = True,
+) -> list[str]:
+    """Greedy continuations of `prompts` (``model.generate(do_sample=False)``), batched with left padding.
+
+    Each prompt is tokenized as the models of this package were trained (``tokenizer(prompt)``, BOS included);
+    generation stops at EOS or after `max_new_tokens`. Returns, per prompt, the decoded NEW tokens only (special
+    tokens skipped, whitespace stripped). Under several processes the prompts are split between them
+    (``distributed.map_sharded``; pass ``sharded=False`` for a model sharded across processes).
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set one (ensure_pad_token does it from EOS).")
+    if any(not isinstance(p, str) for p in prompts):
+        raise TypeError("Every prompt must be a string.")
+    device = next(model.parameters()).device
+
+    def generate_block(block: list[str]) -> list[str]:
+        outputs: list[str] = []
+        starts = range(0, len(block), batch_size)
+        with eval_mode(model):
+            for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+                chunk = block[start : start + batch_size]
+                encoded = tokenizer(chunk, padding=True, padding_side="left", return_tensors="pt").to(device)
+                generated = model.generate(
+                    input_ids=encoded["input_ids"],
+                    attention_mask=encoded["attention_mask"],
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+                outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        return outputs
+
+    return map_sharded(generate_block, list(prompts), sharded=sharded)
+
+
+@lru_cache(maxsize=1)
+def _scorer() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _rouge_l(prediction: str, reference: str) -> rouge_scorer.scoring.Score:
+    if not isinstance(prediction, str) or not isinstance(reference, str):
+        raise TypeError(f"ROUGE compares two strings, got {type(prediction).__name__} and {type(reference).__name__}.")
+    return _scorer().score(target=reference, prediction=prediction)["rougeL"]
+
+
+def rouge_recall(prediction: str, reference: str) -> float:
+    """ROUGE-L recall: LCS(prediction, reference) / number of reference tokens (stemmed; see the module doc).
+
+    TOFU's ROUGE (Maini et al. 2024, arXiv:2401.06121) and MUSE's KnowMem (Shi et al. 2024, arXiv:2407.06460).
+    """
+    return float(_rouge_l(prediction, reference).recall)
+
+
+def rouge_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: harmonic mean of LCS / reference tokens and LCS / prediction tokens (see the module doc).
+
+    MUSE's VerbMem (Shi et al. 2024, arXiv:2407.06460).
+    """
+    return float(_rouge_l(prediction, reference).fmeasure)

@@ -1,0 +1,208 @@
+"""TOFU's metrics (Maini et al. 2024, "TOFU: A Task of Fictitious Unlearning for LLMs", arXiv:2401.06121).
+
+Per evaluation set (forget, retain, real_authors, world_facts; see ``erasus_hf.data.tofu.TOFUDataset``):
+
+- **Prob.** ``P(a | q) = exp(-mean token NLL of a)`` (length-normalised). Forget and retain: the mean of P of the
+  ``answer``. Real authors and world facts (multiple choice in spirit): the mean of
+  ``P(answer) / (P(answer) + sum_j P(perturbed_j))``.
+- **ROUGE.** ROUGE-L recall of the greedy generation (prompt ``PROMPT_TEMPLATE``) against the ``answer``.
+- **Truth ratio.** ``TR = P_wrong / P_true``, ``P_wrong`` the geometric mean of the perturbed answers' P and
+  ``P_true`` the paraphrased answer's P (the ``answer``'s on real authors / world facts, which have no paraphrase).
+  Aggregate: ``mean(min(TR, 1/TR))`` on the forget set, ``mean(max(0, 1 - TR))`` on the others.
+- **Forget quality.** The p-value of the two-sample Kolmogorov-Smirnov test between the forget-set truth ratios of
+  the evaluated model and those of the reference (retain) model. TOFU's code tests ``1/TR``; the KS statistic and
+  p-value are unchanged by a strictly monotone transform of both samples, so testing TR gives the same number.
+- **Model utility.** The harmonic mean of the Prob, ROUGE and truth-ratio values of retain, real authors and world
+  facts (9 numbers when all sets are evaluated).
+
+All the likelihoods of a set (answers, paraphrased answers and every perturbed answer) are scored in shared batches
+in one no-grad pass (``scoring.token_stats``); generation is batched with left padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from datasets import Dataset
+from scipy.stats import ks_2samp
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..data.formatting import format_prompt
+from ..data.tofu import TOFUDataset
+from .generation import greedy_generate, rouge_recall
+from .likelihood import truth_ratio, truth_ratio_score
+from .result import EvaluationResult
+from .scoring import qa_batches, token_stats
+
+PARAPHRASED_SPLITS = ("forget", "retain")
+"""Sets whose true answer in the truth ratio is the paraphrased answer and whose Prob is not normalised."""
+
+UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
+UTILITY_METRICS = ("prob", "rouge", "truth_ratio")
+
+
+def normalised_probability(true_nll: torch.Tensor, wrong_nll: torch.Tensor) -> torch.Tensor:
+    """[N] ``P_true / (P_true + sum_j P_wrong_j)`` with ``P = exp(-nll)``: TOFU's Prob on real authors and world
+    facts. `true_nll` is [N], `wrong_nll` [N, K] (mean token NLLs)."""
+    if wrong_nll.dim() != 2 or wrong_nll.shape[0] != true_nll.shape[0]:
+        raise ValueError(
+            f"true_nll is {tuple(true_nll.shape)}, wrong_nll must be [N, K], got {tuple(wrong_nll.shape)}"
+        )
+    # softmax over [-true, -wrong_1, ..., -wrong_K] is exactly P_true / (P_true + sum P_wrong), computed stably.
+    logits = torch.cat([-true_nll[:, None], -wrong_nll], dim=1)
+    return torch.softmax(logits, dim=1)[:, 0]
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """``n / sum(1 / v)``; 0 when any value is 0 (TOFU's model utility, as ``scipy.stats.hmean``)."""
+    if len(values) == 0:
+        raise ValueError("The harmonic mean of no values is undefined.")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"The harmonic mean needs finite non-negative values, got {list(values)}")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+def forget_quality(truth_ratios: Sequence[float], reference_truth_ratios: Sequence[float]) -> float:
+    """TOFU's forget quality: the p-value of ``scipy.stats.ks_2samp`` (two-sided) between the evaluated model's
+    per-example forget truth ratios and the reference (retain) model's. High (near 1) = indistinguishable."""
+    if len(truth_ratios) == 0 or len(reference_truth_ratios) == 0:
+        raise ValueError(
+            f"Forget quality needs truth ratios on both sides; got {len(truth_ratios)} and "
+            f"{len(reference_truth_ratios)}."
+        )
+    return float(ks_2samp(list(truth_ratios), list(reference_truth_ratios)).pvalue)
+
+
+class TOFUEvaluator:
+    """Prob, ROUGE and truth ratio of every set of `data`, forget quality against a reference run, model utility.
+
+    Summary keys ``{name}/{split}_prob``, ``{name}/{split}_rouge``, ``{name}/{split}_truth_ratio`` (aggregates),
+    ``{name}/forget_quality`` (only with a reference evaluation holding ``{name}/forget_truth_ratio``) and
+    ``{name}/model_utility``; per-example keys ``{name}/{split}_prob``, ``{name}/{split}_rouge`` and
+    ``{name}/{split}_truth_ratio`` (the raw TR, what a later run's KS test reads).
+
+    Args:
+        data: the evaluation sets.
+        batch_size: examples per forward pass (likelihoods) and per ``generate`` call.
+        max_new_tokens: generation length for ROUGE.
+        max_length: token limit of a scored question + answer (longer ones are truncated on the right).
+        name: prefix of the metric names.
+    """
+
+    def __init__(
+        self,
+        data: TOFUDataset,
+        batch_size: int = 32,
+        max_new_tokens: int = 64,
+        max_length: int = 512,
+        name: str = "tofu",
+    ) -> None:
+        if not isinstance(data, TOFUDataset):
+            raise TypeError(f"data must be a TOFUDataset, got {type(data).__name__}")
+        if batch_size < 1 or max_new_tokens < 1 or max_length < 2:
+            raise ValueError(
+                f"batch_size and max_new_tokens must be >= 1 and max_length >= 2; got {batch_size}, "
+                f"{max_new_tokens}, {max_length}"
+            )
+        self.data = data
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.max_length = max_length
+        self.name = name
+
+    def split_scores(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: str, dataset: Dataset
+    ) -> dict[str, list[float]]:
+        """Per-example ``prob``, ``rouge`` and raw ``truth_ratio`` of one set."""
+        questions = list(dataset["question"])
+        answers = list(dataset["answer"])
+        perturbed = list(dataset["perturbed_answer"])
+        n, k = len(questions), len(perturbed[0])
+        paraphrased = split in PARAPHRASED_SPLITS
+        # One flat list: the answers, then the paraphrased answers (forget/retain), then the K perturbed per row.
+        all_questions = questions + (questions if paraphrased else []) + [q for q in questions for _ in range(k)]
+        all_answers = answers + (list(dataset["paraphrased_answer"]) if paraphrased else [])
+        all_answers += [a for row in perturbed for a in row]
+        batches = qa_batches(tokenizer, all_questions, all_answers, self.batch_size, self.max_length)
+        stats = token_stats(
+            model, batches, desc=f"TOFU {split}: likelihoods", total=math.ceil(len(all_answers) / self.batch_size)
+        )
+        nll = torch.tensor([s.nll for s in stats], dtype=torch.float64)
+        answer_nll = nll[:n]
+        true_nll = nll[n : 2 * n] if paraphrased else answer_nll
+        perturbed_nll = nll[(2 * n if paraphrased else n) :].view(n, k)
+        if paraphrased:
+            prob = torch.exp(-answer_nll)
+        else:
+            prob = normalised_probability(answer_nll, perturbed_nll)
+        ratios = truth_ratio(true_nll, perturbed_nll)
+
+        generations = greedy_generate(
+            model,
+            tokenizer,
+            [format_prompt(q) for q in questions],
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            desc=f"TOFU {split}: generation",
+        )
+        rouge = [rouge_recall(g, a) for g, a in zip(generations, answers, strict=True)]
+        return {"prob": prob.tolist(), "rouge": rouge, "truth_ratio": ratios.tolist()}
+
+    def evaluate(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
+    ) -> EvaluationResult:
+        name = self.name
+        reference_ratios = self._reference_ratios(reference)  # checked before the expensive passes
+        result = EvaluationResult(meta={f"{name}/forget_split": self.data.forget_split})
+        for split, dataset in self.data.splits().items():
+            scores = self.split_scores(model, tokenizer, split, dataset)
+            ratios = torch.tensor(scores["truth_ratio"], dtype=torch.float64)
+            result.summary[f"{name}/{split}_prob"] = sum(scores["prob"]) / len(scores["prob"])
+            result.summary[f"{name}/{split}_rouge"] = sum(scores["rouge"]) / len(scores["rouge"])
+            result.summary[f"{name}/{split}_truth_ratio"] = truth_ratio_score(ratios, forget=split == "forget")
+            for metric, values in scores.items():
+                result.per_example[f"{name}/{split}_{metric}"] = values
+            result.meta[f"{name}/{split}_rows"] = len(dataset)
+
+        if reference_ratios is not None:
+            key = f"{name}/forget_truth_ratio"
+            result.summary[f"{name}/forget_quality"] = forget_quality(result.per_example[key], reference_ratios)
+        elif self.data.forget is None:
+            result.meta[f"{name}/forget_quality_missing"] = "not computed: the forget set was not evaluated."
+        else:
+            result.meta[f"{name}/forget_quality_missing"] = (
+                "not computed: no reference evaluation (evaluate the retain model with the same forget split and "
+                "pass its result as `reference`)."
+            )
+
+        components = [
+            f"{name}/{split}_{metric}"
+            for split in UTILITY_SPLITS
+            for metric in UTILITY_METRICS
+            if f"{name}/{split}_{metric}" in result.summary
+        ]
+        if components:
+            result.summary[f"{name}/model_utility"] = harmonic_mean([result.summary[c] for c in components])
+            result.meta[f"{name}/model_utility_components"] = components
+        else:
+            result.meta[f"{name}/model_utility_missing"] = (
+                f"not computed: none of {list(UTILITY_SPLITS)} was evaluated."
+            )
+        return result
+
+    def _reference_ratios(self, reference: EvaluationResult | None) -> list[float] | None:
+        """The reference run's per-example forget truth ratios, or None when forget quality is not computed."""
+        if reference is None or self.data.forget is None:
+            return None
+        reference_split = reference.meta.get(f"{self.name}/forget_split")
+        if reference_split is not None and reference_split != self.data.forget_split:
+            raise ValueError(
+                f"The reference evaluation used the forget split {reference_split!r}, this one "
+                f"{self.data.forget_split!r}; forget quality compares the same split."
+            )
+        return reference.require(f"{self.name}/forget_truth_ratio", "forget quality")
