@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--max_examples", type=int, default=None, help="First N rows of each set (quick runs).")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="Generation length for ROUGE.")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=256, help="Hidden size of the Llama-config model.")
+    parser.add_argument("--hidden", type=int, default=64, help="Hidden size of the Llama-config model.")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

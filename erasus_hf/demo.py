@@ -18,8 +18,8 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from .config import UnlearningConfig
-from .data.tofu import demo_splits, load_tofu
-from .evaluation import answer_nll, tofu_truth_ratios, truth_ratio_score
+from .data.tofu import TOFUDataset, demo_splits, load_tofu
+from .evaluation import TOFUEvaluator, answer_nll
 from .trainer import UnlearningTrainer
 
 
@@ -54,29 +54,44 @@ def _load_data(args: DemoArguments) -> tuple[Dataset, Dataset]:
     return load_tofu(forget_split, **kwargs), load_tofu(args.retain_split, **kwargs)
 
 
-def _starting_model(args: DemoArguments, forget: Dataset, retain: Dataset):
-    """A model that knows the forget and retain authors: loaded, or trained here with TRL's SFTTrainer."""
-    if args.model_name_or_path:
+def starting_model(
+    model_name_or_path: str | None,
+    forget: Dataset,
+    retain: Dataset,
+    output_dir: str,
+    seed: int = 0,
+    quiet: bool = False,
+):
+    """A model that knows the forget and retain authors: loaded, or (no model given) a tiny Llama trained here on
+    them with TRL's SFTTrainer and saved to `output_dir/starting_model`, the base the unlearning adapter applies to."""
+    if model_name_or_path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path), AutoTokenizer.from_pretrained(
-            args.model_name_or_path
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path), AutoTokenizer.from_pretrained(
+            model_name_or_path
         )
     from .modeling.tiny import DEMO_MODEL, build_tiny_llama, sft_train, train_tokenizer
 
-    everything = concatenate_datasets([forget, retain])
-    texts = [t for col in ("question", "answer", "paraphrased_answer") for t in everything[col]]
-    texts += [a for row in everything["perturbed_answer"] for a in row]
+    everything = concatenate_datasets([forget, retain]).select_columns(["question", "answer"])
+    texts = [t for col in ("question", "answer") for t in everything[col]]
+    texts += [t for d in (forget, retain) if "paraphrased_answer" in d.column_names for t in d["paraphrased_answer"]]
+    texts += [
+        a
+        for d in (forget, retain)
+        if "perturbed_answer" in d.column_names
+        for row in d["perturbed_answer"]
+        for a in row
+    ]
     tokenizer = train_tokenizer(texts, vocab_size=DEMO_MODEL.vocab_size)
-    model = build_tiny_llama(tokenizer, seed=args.seed)
+    model = build_tiny_llama(tokenizer, seed=seed)
     print(
         f"Training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama on "
         f"{len(everything)} TOFU question/answer pairs (TRL SFTTrainer)..."
     )
     with tempfile.TemporaryDirectory() as workdir:
-        model = sft_train(model, tokenizer, everything, output_dir=workdir, seed=args.seed, disable_tqdm=args.quiet)
+        model = sft_train(model, tokenizer, everything, output_dir=workdir, seed=seed, disable_tqdm=quiet)
     # The adapter needs its base: keep the model trained here beside it, and point the adapter config at it.
-    starting_dir = os.path.abspath(os.path.join(args.output_dir, "starting_model"))
+    starting_dir = os.path.abspath(os.path.join(output_dir, "starting_model"))
     model.save_pretrained(starting_dir)
     tokenizer.save_pretrained(starting_dir)
     model.config._name_or_path = starting_dir
@@ -84,15 +99,20 @@ def _starting_model(args: DemoArguments, forget: Dataset, retain: Dataset):
 
 
 def measure(model, tokenizer, forget: Dataset, retain: Dataset, quiet: bool = True) -> dict[str, float]:
-    """Forget/retain answer NLL and the TOFU truth-ratio aggregates."""
+    """Forget/retain answer NLL, and TOFU's truth-ratio aggregates and ROUGE-L recall (`TOFUEvaluator`)."""
     desc = None if quiet else "Evaluating"
     forget_nll = answer_nll(model, tokenizer, forget["question"], forget["answer"], desc=desc)
     retain_nll = answer_nll(model, tokenizer, retain["question"], retain["answer"], desc=desc)
+    data = TOFUDataset(forget=forget, retain=retain, forget_split="demo")
+    tofu = TOFUEvaluator(data, max_new_tokens=96).evaluate(model, tokenizer).summary
     return {
         "forget_nll": forget_nll.mean().item(),
         "retain_nll": retain_nll.mean().item(),
-        "forget_truth_ratio": truth_ratio_score(tofu_truth_ratios(model, tokenizer, forget, desc=desc), forget=True),
-        "retain_truth_ratio": truth_ratio_score(tofu_truth_ratios(model, tokenizer, retain, desc=desc), forget=False),
+        **{
+            f"{side}_{metric}": tofu[f"tofu/{side}_{metric}"]
+            for metric in ("truth_ratio", "rouge")
+            for side in ("forget", "retain")
+        },
     }
 
 
@@ -102,6 +122,8 @@ def format_table(before: dict[str, float], after: dict[str, float]) -> str:
         "retain_nll": "should stay low",
         "forget_truth_ratio": "mean min(R, 1/R); 1 = no preference for the true answer",
         "retain_truth_ratio": "mean max(0, 1 - R); higher = true answer preferred",
+        "forget_rouge": "ROUGE-L recall of greedy answers; lower = forgotten",
+        "retain_rouge": "should stay high",
     }
     lines = [f"{'metric':<20}{'before':>10}{'after':>10}{'ratio':>8}  note", "-" * 90]
     for key, note in notes.items():
@@ -117,7 +139,9 @@ def run_demo(args: DemoArguments) -> dict:
         datasets.disable_progress_bars()
     start = time.perf_counter()
     forget, retain = _load_data(args)
-    model, tokenizer = _starting_model(args, forget, retain)
+    model, tokenizer = starting_model(
+        args.model_name_or_path, forget, retain, args.output_dir, seed=args.seed, quiet=args.quiet
+    )
     trained = time.perf_counter()
     before = measure(model, tokenizer, forget, retain, quiet=args.quiet)
 

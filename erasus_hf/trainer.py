@@ -336,6 +336,79 @@ class UnlearningTrainer(Trainer):
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.last_evaluation.summary.items()})
         return output
 
+    # ---- sharing ----
+
+    def create_model_card(
+        self,
+        evaluation: EvaluationResult | None = None,
+        reference_note: str | None = None,
+        command: str | None = None,
+        datasets: list[str] | None = None,
+        model_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the evaluation model card (README.md) to `output_dir`: strategy, hyperparameters, the forget set
+        as a count and a SHA-256 fingerprint (never its text), the evaluation (default: the last in-training one)
+        and the reproducing command. Runs on the main process; call it after `save_model` (PEFT's own card
+        generation rewrites README.md)."""
+        if not self.args.should_save:
+            return
+        from .hub.card import build_model_card, training_arguments, write_model_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        card = build_model_card(
+            strategy_name=self.strategy.name,
+            paper=self.strategy.paper,
+            hyperparameters=self.strategy.hyperparameters,
+            training_args={**training_arguments(self.args), "reference_mode": self.reference_mode},
+            forget_rows=self.forget_rows,
+            retain_count=len(self.retain_rows) if self.retain_rows is not None else None,
+            base_model=base,
+            is_adapter=is_peft_model(model) and not self.args.merge_adapter,
+            evaluation=evaluation if evaluation is not None else self.last_evaluation,
+            reference_note=reference_note,
+            command=command,
+            datasets=datasets,
+            model_name=model_name,
+        )
+        write_model_card(card, self.args.output_dir)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = None,
+        *,
+        repo_id: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        evaluation: EvaluationResult | None = None,
+        **card_kwargs: Any,
+    ) -> str | None:
+        """Save the weights (safetensors), the evaluation JSON and the model card to `output_dir`, then upload the
+        folder's shippable files to `repo_id` (default: `args.hub_model_id`); return the commit URL (None on the
+        other processes). Checkpoints, optimizer and RNG states are never uploaded."""
+        from .hub.push import push_output
+
+        self.save_model()
+        evaluation = evaluation if evaluation is not None else self.last_evaluation
+        self.create_model_card(evaluation=evaluation, **card_kwargs)
+        if not self.args.should_save:
+            return None
+        if evaluation is not None:
+            evaluation.save(os.path.join(self.args.output_dir, "eval.json"))
+        repo_id = repo_id or self.args.hub_model_id
+        if not repo_id:
+            raise ValueError("push_to_hub needs a repo_id (or args.hub_model_id).")
+        return push_output(
+            self.args.output_dir,
+            repo_id,
+            private=self.args.hub_private_repo if private is None else private,
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+            revision=revision,
+        )
+
     # ---- saving ----
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

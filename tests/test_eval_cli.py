@@ -62,15 +62,14 @@ def test_evaluate_writes_a_json_that_a_later_run_uses_as_reference(saved, tmp_pa
 def test_two_processes_give_the_numbers_of_one(saved, tmp_path):
     model_dir, data_dir = saved
     assert main(_evaluate_args(model_dir, data_dir, tmp_path / "one.json")) == 0
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "erasus_hf.cli",
-    ]  # fmt: skip
+    # torchrun, not `accelerate launch --cpu --num_processes 2` (which starts one process)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "erasus_hf.cli"]
     run = subprocess.run(
         [*launch, *_evaluate_args(model_dir, data_dir, tmp_path / "two.json")], capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["meta"]["num_processes"], two["meta"]["num_processes"]) == (1, 2)
     assert two["summary"].keys() == one["summary"].keys()
     for key, value in one["summary"].items():
         assert two["summary"][key] == pytest.approx(value, abs=1e-5), key

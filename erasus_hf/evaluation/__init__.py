@@ -2,7 +2,7 @@
 `MetricSuite`, after training or inside it (`UnlearningTrainer(..., evaluators=...)`)."""
 
 from .callbacks import UnlearningEarlyStoppingCallback
-from .likelihood import answer_nll, tofu_truth_ratios, truth_ratio, truth_ratio_score
+from .likelihood import answer_nll, truth_ratio, truth_ratio_score
 from .memorization import MemorizationEvaluator, exact_memorization, extraction_strength
 from .mia import MIAEvaluator, auc, min_k_plus_plus_score, min_k_score
 from .muse import MUSEEvaluator
@@ -32,7 +32,6 @@ __all__ = [
     "min_k_score",
     "quantized_copy",
     "relearning_attack",
-    "tofu_truth_ratios",
     "truth_ratio",
     "truth_ratio_score",
 ]

@@ -1,4 +1,4 @@
-"""Batched answer likelihoods and the TOFU truth ratio.
+"""Batched answer likelihoods and the TOFU truth ratio (the TOFU evaluator builds on these).
 
 P(answer | question) = exp(-mean token NLL over the answer tokens) (TOFU's length-normalised probability). Every
 forward pass is batched: the paraphrased and the perturbed answers of all examples go through the model together.
@@ -58,18 +58,3 @@ def truth_ratio_score(ratios: torch.Tensor, forget: bool) -> float:
     if forget:
         return torch.minimum(ratios, 1 / ratios).mean().item()
     return torch.clamp(1 - ratios, min=0).mean().item()
-
-
-def tofu_truth_ratios(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset, batch_size: int = 32, desc: str | None = None
-) -> torch.Tensor:
-    """[N] truth ratios of TOFU rows with `paraphrased_answer` and a list `perturbed_answer` (same count per row)."""
-    questions, paraphrased, perturbed = dataset["question"], dataset["paraphrased_answer"], dataset["perturbed_answer"]
-    k = len(perturbed[0])
-    if any(len(p) != k for p in perturbed):
-        raise ValueError("Every row needs the same number of perturbed answers.")
-    all_questions = list(questions) + [q for q in questions for _ in range(k)]
-    all_answers = list(paraphrased) + [a for row in perturbed for a in row]
-    nll = answer_nll(model, tokenizer, all_questions, all_answers, batch_size=batch_size, desc=desc)
-    n = len(questions)
-    return truth_ratio(nll[:n], nll[n:].view(n, k))

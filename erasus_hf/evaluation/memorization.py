@@ -6,7 +6,6 @@ the scored tokens (the answer tokens and the EOS of a QA row; every token after 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -75,7 +74,6 @@ class MemorizationEvaluator:
                 model,
                 dataset_batches(dataset, tokenizer, self.batch_size, self.max_length),
                 desc=f"{self.name}: {split}",
-                total=math.ceil(len(dataset) / self.batch_size),
             )
             for metric, fn in (
                 ("exact_memorization", exact_memorization),

@@ -7,7 +7,6 @@ holdout the model never trained on: an AUC near 0.5 after unlearning means the f
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -90,7 +89,6 @@ def gradnorm_scores(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     desc: str | None = None,
-    total: int | None = None,
 ) -> list[float]:
     """GradNorm attack (as in MUSE / open-unlearning, after Wang et al. 2024, arXiv:2402.17012): minus the L2 norm
     of the gradient of the example's mean token NLL with respect to all the model's parameters,
@@ -228,9 +226,8 @@ class MIAEvaluator:
     def _scores(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, which: str
     ) -> dict[str, list[float]]:
-        total = math.ceil(len(dataset) / self.batch_size)
         desc = f"{self.name}: {which}"
-        stats = token_stats(model, self._batches(dataset, tokenizer), desc=desc, total=total)
+        stats = token_stats(model, self._batches(dataset, tokenizer), desc=desc)
         scores: dict[str, list[float]] = {}
         for attack in self.attacks:
             if attack == "loss":
@@ -244,10 +241,10 @@ class MIAEvaluator:
                 scores[attack] = [min_k_plus_plus_score(s, self.k) for s in stats]
             elif attack == "gradnorm":
                 batches = self._batches(dataset, tokenizer)
-                scores[attack] = gradnorm_scores(model, batches, desc=f"{desc} gradnorm", total=total)
+                scores[attack] = gradnorm_scores(model, batches, desc=f"{desc} gradnorm")
             elif attack == "reference":
                 batches = self._batches(dataset, tokenizer)
-                ref = token_stats(self.ref_model, batches, desc=f"{desc} reference model", total=total)
+                ref = token_stats(self.ref_model, batches, desc=f"{desc} reference model")
                 scores[attack] = [reference_score(s, r) for s, r in zip(stats, ref, strict=True)]
         return scores
 

@@ -20,7 +20,6 @@ after one space, and a byte-level tokenizer encodes a trailing space on its own,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import nn
@@ -135,7 +134,7 @@ class MUSEEvaluator:
     def min_k_scores(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[float]:
         """Min-K% Prob of each text (every token after the first scored)."""
         batches = text_batches(tokenizer, list(texts), self.batch_size, self.max_length)
-        stats = token_stats(model, batches, desc="MUSE privleak", total=math.ceil(len(texts) / self.batch_size))
+        stats = token_stats(model, batches, desc="MUSE privleak")
         return [min_k_score(s, self.k) for s in stats]
 
     def evaluate(

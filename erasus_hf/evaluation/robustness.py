@@ -70,7 +70,7 @@ def forget_metrics(
     """`forget_stats_metrics` of `model` on QA `rows` (columns `question`, `answer`), one batched no-grad pass."""
     _check_rows(rows, "The forget rows")
     batches = qa_batches(tokenizer, rows["question"], rows["answer"], batch_size=batch_size, max_length=max_length)
-    stats = token_stats(model, batches, desc=desc, total=math.ceil(len(rows) / batch_size))
+    stats = token_stats(model, batches, desc=desc)
     return forget_stats_metrics(stats)
 
 

@@ -70,7 +70,7 @@ def text_batches(
 
 
 def token_stats(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], desc: str | None = None, total: int | None = None
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], desc: str | None = None
 ) -> list[TokenStats]:
     """TokenStats of every example of `batches` (collated causal-LM batches with `labels`), in order; the batches
     are split across processes when several run (`distributed.map_sharded`)."""

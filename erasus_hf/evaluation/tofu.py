@@ -129,9 +129,7 @@ class TOFUEvaluator:
         all_answers = answers + (list(dataset["paraphrased_answer"]) if paraphrased else [])
         all_answers += [a for row in perturbed for a in row]
         batches = qa_batches(tokenizer, all_questions, all_answers, self.batch_size, self.max_length)
-        stats = token_stats(
-            model, batches, desc=f"TOFU {split}: likelihoods", total=math.ceil(len(all_answers) / self.batch_size)
-        )
+        stats = token_stats(model, batches, desc=f"TOFU {split}: likelihoods")
         nll = torch.tensor([s.nll for s in stats], dtype=torch.float64)
         answer_nll = nll[:n]
         true_nll = nll[n : 2 * n] if paraphrased else answer_nll

@@ -46,7 +46,9 @@ class EvaluateArguments:
     muse_corpus: str = field(default="news", metadata={"help": "MUSE corpus: news or books."})
     max_examples: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows of each split."})
     batch_size: int = field(default=32, metadata={"help": "Examples per forward pass / generation batch."})
-    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; default: cuda when available."})
+    device: str | None = field(
+        default=None, metadata={"help": "cuda, cpu, ...; default: this process's accelerator, else the CPU."}
+    )
 
 
 def load_model(path: str, base_model: str | None = None):
@@ -67,8 +69,11 @@ def load_model(path: str, base_model: str | None = None):
 def run_evaluate(args: EvaluateArguments) -> EvaluationResult:
     from ..data.tofu import TOFUDataset, load_tofu
 
+    # one process per device under torchrun / accelerate launch; on CPU, gloo needs to be asked for explicitly
+    cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
     model, tokenizer = load_model(args.model, args.base_model)
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(args.device or state.device)
     data = {}
     if {"tofu", "mia", "memorization"} & set(args.benchmark):
         tofu = TOFUDataset.load(args.forget_split, data_dir=args.data_dir)
@@ -84,8 +89,15 @@ def run_evaluate(args: EvaluateArguments) -> EvaluationResult:
         data["muse"] = MUSEDataset.load(args.muse_corpus, data_dir=args.muse_data_dir)
     options = {name: {"batch_size": args.batch_size} for name in args.benchmark}
     result = MetricSuite(args.benchmark, options=options).run(model, tokenizer, reference=args.reference, **data)
-    result.meta.update({"model_path": args.model, "forget_split": args.forget_split, "reference": args.reference})
-    if PartialState().is_main_process:  # every process holds the gathered result; one writes it
+    result.meta.update(
+        {
+            "model_path": args.model,
+            "forget_split": args.forget_split,
+            "reference": args.reference,
+            "num_processes": state.num_processes,
+        }
+    )
+    if state.is_main_process:  # every process holds the gathered result; one writes it
         result.save(args.output)
         print(json.dumps(result.summary, indent=2))
     return result

@@ -1,0 +1,253 @@
+"""The model card of an unlearned model: Hub metadata (base model, library, tags, `model-index` with every evaluation
+number) and a body with the strategy, its hyperparameters, the forget set as a count and a fingerprint (never its
+text), the evaluation table, the command that reproduces the run and the limits of approximate unlearning.
+
+Order with PEFT: `PeftModel.save_pretrained` calls `create_or_update_model_card`, which loads an existing README.md
+and *replaces* its `tags` with PEFT's own (`card.data["tags"] = sorted(tags)`, peft 0.21.2 `peft_model.py` line
+1724) and its `base_model` with the model config's `_name_or_path`. So `write_model_card` must be the last step:
+called after `save_pretrained`, it keeps PEFT's metadata (library_name, pipeline_tag, its tags) and puts ours on
+top; a later `save_pretrained` into the same folder drops our tags again (the body and `model-index` survive).
+PEFT does union the base model's `model_tags` into its tags, so `model.get_base_model().add_model_tags(tags)` before
+saving keeps ours through a later save as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..evaluation.result import EvaluationResult
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "unlearning_card.md"
+
+# Hub datasets of the benchmarks whose metric names start with these prefixes.
+BENCHMARK_DATASETS = {"tofu": "locuslab/TOFU", "muse": "muse-bench/MUSE-News"}
+
+# The `UnlearningConfig` fields a card reports (LoRA fields only when a LoRA adapter was trained).
+TRAINING_ARG_NAMES = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "retain_loss",
+    "forget_weight",
+    "retain_weight",
+    "reference",
+    "use_peft",
+    "merge_adapter",
+    "max_length",
+    "seed",
+    "pairing_seed",
+)
+LORA_ARG_NAMES = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+BASE_TAGS = ("erasus-hf", "unlearning")
+
+
+def forget_fingerprint(rows: Iterable[Mapping[str, Any]]) -> str:
+    """SHA-256 (hex) of the canonical form of `rows` (a `datasets.Dataset` or a list of dicts).
+
+    Canonical form: each row as ``json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))``,
+    followed by a newline, rows in the given order, encoded as UTF-8. Key order inside a row does not matter; row
+    order does (the fingerprint names the exact sequence of rows a run trained on). Every column counts: fingerprint
+    the rows exactly as they were given to the trainer.
+    """
+    digest = hashlib.sha256()
+    count = 0
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"Row {index} of the forget set is a {type(row).__name__}, not a mapping of columns.")
+        line = json.dumps(dict(row), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        digest.update(line.encode("utf-8") + b"\n")
+        count += 1
+    if count == 0:
+        raise ValueError("The forget set is empty: there is nothing to fingerprint.")
+    return digest.hexdigest()
+
+
+def training_arguments(args: Any) -> dict[str, Any]:
+    """The training arguments a card reports, read from an `UnlearningConfig` (or any object with those fields)."""
+    names = TRAINING_ARG_NAMES + (LORA_ARG_NAMES if getattr(args, "use_peft", False) else ())
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if values.get("max_steps", 0) <= 0:  # -1: the run was sized by num_train_epochs
+        values.pop("max_steps", None)
+    if values.get("lora_target_modules", "") is None:
+        values["lora_target_modules"] = "all-linear"  # UnlearningConfig's default
+    return values
+
+
+def build_model_card(
+    *,
+    strategy_name: str,
+    paper: str,
+    hyperparameters: dict[str, Any],
+    training_args: dict[str, Any],
+    forget_rows: Iterable[Mapping[str, Any]],
+    retain_count: int | None,
+    base_model: str | None,
+    is_adapter: bool,
+    evaluation: EvaluationResult | None,
+    reference_note: str | None,
+    command: str | None,
+    datasets: list[str] | None,
+    model_name: str | None,
+    certification: str | None = None,
+) -> ModelCard:
+    """The README.md of an unlearned model, rendered from `erasus_hf/model_cards/unlearning_card.md`.
+
+    `hyperparameters`: the strategy's (e.g. `strategy.hyperparameters`); `training_args`: e.g.
+    `training_arguments(config)`; `forget_rows`: the forget set as trained on (only its count and fingerprint are
+    written); `evaluation`: one `EvalResult` per summary number goes into `model-index`; `reference_note`: what
+    the evaluation was compared against (defaults to the result's `meta["reference"]`); `certification`: a formal
+    guarantee, if one exists, quoted in the Limitations section.
+    """
+    rows = list(forget_rows)
+    fingerprint = forget_fingerprint(rows)
+    title = model_name or _default_model_name(strategy_name, base_model)
+    eval_results = _eval_results(evaluation, datasets) if evaluation is not None else None
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="peft" if is_adapter else "transformers",
+        tags=[*BASE_TAGS, strategy_name],
+        datasets=datasets or None,
+        model_name=title if eval_results else None,
+        eval_results=eval_results,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=title,
+        strategy_name=strategy_name,
+        paper=paper,
+        hyperparameters=_table_rows(hyperparameters),
+        training_args=_table_rows(training_args),
+        forget_count=len(rows),
+        forget_fingerprint=fingerprint,
+        retain_count=retain_count,
+        base_model=base_model,
+        is_adapter=is_adapter,
+        metrics=[(key, _format_number(value)) for key, value in (evaluation.summary.items() if evaluation else ())],
+        reference_note=_reference_note(evaluation, reference_note),
+        missing=_missing_notes(evaluation),
+        command=command,
+        certification=certification,
+        framework_versions=_framework_versions(),
+    )
+
+
+def write_model_card(card: ModelCard, output_dir: str | Path) -> Path:
+    """Write `card` as `output_dir/README.md` and return its path.
+
+    Call it after `save_pretrained`: an existing README.md's metadata (PEFT's `library_name`, `pipeline_tag`,
+    `base_model`, tags, ...) is merged in: our values win where both are set, the tags are the union (ours first).
+    Its body is replaced by ours. `card` itself is not modified.
+    """
+    path = Path(output_dir) / "README.md"
+    merged = ModelCard(card.content)
+    if path.exists():
+        _merge_metadata(merged.data, ModelCard.load(path).data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged.save(path)
+    return path
+
+
+def _merge_metadata(ours: ModelCardData, theirs: ModelCardData) -> None:
+    for key, value in theirs.to_dict().items():
+        if key == "tags" or value in (None, "", []):
+            continue
+        if key == "model-index":
+            if ours.eval_results is None:
+                ours.eval_results, ours.model_name = theirs.eval_results, theirs.model_name
+        elif ours.get(key) in (None, "", []):
+            ours[key] = value
+    base = ours.get("base_model")
+    # PEFT tags the adapter `base_model:adapter:<config _name_or_path>`; one naming another base than ours is stale
+    their_tags = [
+        t for t in theirs.tags or [] if not (base and t.startswith("base_model:") and t.split(":", 2)[-1] != base)
+    ]
+    ours.tags = list(dict.fromkeys([*(ours.tags or []), *their_tags]))
+
+
+def _eval_results(evaluation: EvaluationResult, datasets: list[str] | None) -> list[EvalResult]:
+    if not evaluation.summary:
+        raise ValueError("The evaluation has an empty summary: there is no number to report on the card.")
+    results = []
+    for key, value in evaluation.summary.items():
+        dataset = _benchmark_dataset(key, evaluation.meta) or (datasets[0] if datasets else "custom")
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type=key,
+                metric_name=key,
+                metric_value=float(value),
+            )
+        )
+    return results
+
+
+def _benchmark_dataset(metric: str, meta: Mapping[str, Any]) -> str | None:
+    """The Hub dataset of a benchmark metric (`tofu/...`, `muse/...`), None for the others (MIA, combined, ...)."""
+    prefix = metric.split("/", 1)[0] if "/" in metric else None
+    if prefix == "muse" and meta.get("muse/corpus") == "books":
+        return "muse-bench/MUSE-Books"
+    return BENCHMARK_DATASETS.get(prefix)
+
+
+def _reference_note(evaluation: EvaluationResult | None, note: str | None) -> str:
+    if note:
+        return note
+    reference = evaluation.meta.get("reference") if evaluation is not None else None
+    if reference:
+        return f"the reference evaluation `{reference}`."
+    return "no reference evaluation: the numbers are absolute (forget quality and PrivLeak need one)."
+
+
+def _missing_notes(evaluation: EvaluationResult | None) -> list[str]:
+    """The evaluators' notes on metrics they could not compute (meta keys ending in `_missing`)."""
+    if evaluation is None:
+        return []
+    return [f"`{key}`: {value}" for key, value in sorted(evaluation.meta.items()) if key.endswith("_missing")]
+
+
+def _table_rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(name, value) pairs, in the given order, with values as JSON-ish text safe inside a markdown table cell."""
+    return [(name, _cell(value)) for name, value in values.items()]
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _format_number(value: float) -> str:
+    value = float(value)
+    return str(value) if not math.isfinite(value) else f"{value:.6g}"
+
+
+def _default_model_name(strategy_name: str, base_model: str | None) -> str:
+    base = base_model.rstrip("/").split("/")[-1] if base_model else "model"
+    return f"{base}-unlearned-{strategy_name}"
+
+
+def _framework_versions() -> list[str]:
+    """Versions of the libraries of the run. The PEFT line has PEFT's own format (`- PEFT x.y.z`) so that a later
+    `save_pretrained` finds it and leaves the body alone."""
+    import peft
+
+    names = {"erasus_hf": "erasus-hf", "transformers": "Transformers", "torch": "PyTorch", "datasets": "Datasets"}
+    lines = [f"{label} {metadata.version(dist)}" for dist, label in names.items()]
+    return [*lines, f"PEFT {peft.__version__}", f"huggingface_hub {metadata.version('huggingface_hub')}"]
