@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field
 
 import datasets
 import torch
+import transformers
 from datasets import Dataset, concatenate_datasets
 
 from .config import UnlearningConfig
 from .data.tofu import TOFUDataset, demo_splits, load_tofu
-from .evaluation import TOFUEvaluator, answer_nll
+from .evaluation import EvaluationResult, TOFUEvaluator, answer_nll
 from .trainer import UnlearningTrainer
 
 
@@ -137,6 +138,7 @@ def run_demo(args: DemoArguments) -> dict:
     torch.manual_seed(args.seed)
     if args.quiet:
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()  # the evaluators' bars too
     start = time.perf_counter()
     forget, retain = _load_data(args)
     model, tokenizer = starting_model(
@@ -190,6 +192,11 @@ def run_demo(args: DemoArguments) -> dict:
     }
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    trainer.create_model_card(
+        evaluation=EvaluationResult(summary={f"demo/{k}": v for k, v in after.items()}),
+        command="erasus-hf demo" + (f" --strategy {args.strategy}" if args.strategy != "npo" else ""),
+        datasets=["locuslab/TOFU"],
+    )
     print()
     print(format_table(before, after))
     print(

@@ -66,7 +66,7 @@ def test_ci_runs_the_readme_test_command():
 def test_demo_reads_local_tofu_files_and_a_local_model(tmp_path, tokenizer, tiny_llama):
     """The online options, exercised offline: `--data_dir` with TOFU's split files and a model path."""
     from erasus_hf.data.tofu import shared_tofu_dir
-    from erasus_hf.demo import _load_data, _starting_model
+    from erasus_hf.demo import _load_data, starting_model
 
     data_dir = shared_tofu_dir()
     if data_dir is None:
@@ -75,6 +75,6 @@ def test_demo_reads_local_tofu_files_and_a_local_model(tmp_path, tokenizer, tiny
     assert (len(forget), len(retain)) == (200, 400) and "perturbed_answer" in forget.column_names
     tiny_llama.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    model, loaded_tokenizer = _starting_model(DemoArguments(model_name_or_path=str(tmp_path / "m")), forget, retain)
+    model, loaded_tokenizer = starting_model(str(tmp_path / "m"), forget, retain, str(tmp_path / "out"))
     assert loaded_tokenizer.vocab_size == tokenizer.vocab_size
     assert all(torch.equal(p, model.get_parameter(n)) for n, p in tiny_llama.named_parameters())

@@ -21,6 +21,7 @@ from rouge_score import rouge_scorer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..reference import eval_mode
 from .distributed import map_sharded
@@ -59,7 +60,7 @@ def greedy_generate(
         outputs: list[str] = []
         starts = range(0, len(block), batch_size)
         with eval_mode(model):
-            for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+            for start in tqdm(starts, desc=desc, disable=desc is None or not is_progress_bar_enabled(), leave=False):
                 chunk = block[start : start + batch_size]
                 encoded = tokenizer(chunk, padding=True, padding_side="left", return_tensors="pt").to(device)
                 generated = model.generate(

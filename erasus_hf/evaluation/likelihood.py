@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..data.collator import QACollator
 from ..objectives import CausalLMObjective
@@ -37,7 +38,12 @@ def answer_nll(
     rows = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     out = []
     with eval_mode(model):
-        for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None, leave=False):
+        for start in tqdm(
+            range(0, len(rows), batch_size),
+            desc=desc,
+            disable=desc is None or not is_progress_bar_enabled(),
+            leave=False,
+        ):
             batch = {k: v.to(device) for k, v in collator(rows[start : start + batch_size]).items()}
             out.append(objective.score(model, batch).mean_nll.float().cpu())
     return torch.cat(out) if out else torch.empty(0)

@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..reference import eval_mode
 from .distributed import map_sharded
@@ -113,7 +114,7 @@ def _gradnorm_block(model: nn.Module, batches: list[dict[str, torch.Tensor]], de
         for p in params:
             p.requires_grad_(True)
         with eval_mode(model), torch.enable_grad():
-            for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            for batch in tqdm(batches, desc=desc, disable=desc is None or not is_progress_bar_enabled(), leave=False):
                 out.append([])
                 for b in range(batch["input_ids"].shape[0]):
                     keep = batch["attention_mask"][b].bool() if "attention_mask" in batch else slice(None)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..data.collator import QACollator
 from ..reference import eval_mode
@@ -76,7 +77,10 @@ def token_stats(
     are split across processes when several run (`distributed.map_sharded`)."""
     batches = list(batches)
     per_batch = map_sharded(
-        lambda block: [_batch_stats(model, b) for b in tqdm(block, desc=desc, disable=desc is None, leave=False)],
+        lambda block: [
+            _batch_stats(model, b)
+            for b in tqdm(block, desc=desc, disable=desc is None or not is_progress_bar_enabled(), leave=False)
+        ],
         batches,
     )
     return [stats for batch in per_batch for stats in batch]
