@@ -92,6 +92,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, saved_mode
     assert double.returncode == 0, double.stderr[-3000:]
     fingerprints = dict(re.findall(r"\[rank (\d)\] trained weights sha256 (\w+)", double.stdout))
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]  # both ranks, same weights
+    assert "policy wrapped as DistributedDataParallel" in double.stdout  # really data parallel
+    assert re.findall(r"\[rank (\d)\] wrote", double.stdout) == ["0"]  # only rank 0 writes the output folder
     a, b = (load_file(d / "adapter_model.safetensors") for d in (one, two))
     assert a.keys() == b.keys()
     for key in a:
@@ -99,3 +101,19 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, saved_mode
     e1, e2 = (json.loads((d / "eval.json").read_text()) for d in (one, two))
     for key, value in e1["summary"].items():
         assert e2["summary"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_a_frozen_copy_reference_is_not_wrapped_for_gradients_under_ddp(tmp_path, saved_model):
+    """Full fine-tuning with a KL retain term: the reference is a frozen copy, prepared for evaluation only (not
+    DistributedDataParallel, no trainable tensor) while the policy is wrapped."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "erasus_hf.cli"]
+    args = [*_run_args(saved_model, tmp_path / "out", 2), "--use_peft", "false", "--retain_loss", "kl"]
+    run = subprocess.run(
+        [*launch, "unlearn", *args, "--reference", "copy", "--no_run_evaluation"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(re.findall(r"\[rank (\d)\] reference copy \((\w+), trainable tensors: (\d+)\)", run.stdout)) == [
+        ("0", "LlamaForCausalLM", "0"),
+        ("1", "LlamaForCausalLM", "0"),
+    ]
+    assert run.stdout.count("policy wrapped as DistributedDataParallel") == 2

@@ -132,7 +132,7 @@ def relearning_attack(
             "is measured on forget rows it never trained on."
         )
 
-    before, before_rows = forget_metrics(model, tokenizer, eval_rows, eval_batch_size, max_length)
+    before = forget_metrics(model, tokenizer, eval_rows, eval_batch_size, max_length)
 
     attacked = attack_copy(model)
     attacked.requires_grad_(True)
@@ -157,18 +157,25 @@ def relearning_attack(
         losses.append(loss.item())
     attacked.eval()
 
-    after, after_rows = forget_metrics(attacked, tokenizer, eval_rows, eval_batch_size, max_length)
-    per_example = {}
-    for metric in METRICS:
-        per_example[f"{metric}_before"] = before_rows[metric]
-        per_example[f"{metric}_after"] = after_rows[metric]
+    after = forget_metrics(attacked, tokenizer, eval_rows, eval_batch_size, max_length)
     return {
-        "before": before,
-        "after": after,
-        "recovered": {m: after[m] - before[m] for m in METRICS},
+        **side_by_side(("before", before), ("after", after), change="recovered"),
         "steps": steps,
         "train_loss": losses,
-        "per_example": per_example,
+    }
+
+
+def side_by_side(first: tuple[str, tuple], second: tuple[str, tuple], change: str) -> dict:
+    """Two `forget_metrics` results as `{first: {...}, second: {...}, change: {metric: second - first},
+    "per_example": {f"{metric}_{label}": [...]}}`."""
+    (label_a, (a, a_rows)), (label_b, (b, b_rows)) = first, second
+    return {
+        label_a: a,
+        label_b: b,
+        change: {m: b[m] - a[m] for m in METRICS},
+        "per_example": {
+            f"{m}_{label}": rows[m] for m in METRICS for label, rows in ((label_a, a_rows), (label_b, b_rows))
+        },
     }
 
 
@@ -268,19 +275,9 @@ def quantized_forget_metrics(
     full}, "bits": bits, "per_example": {"forget_prob_full": [...], "forget_prob_quantized": [...], ...}}``."""
     _check_rows(forget_rows, "The forget rows")
     quantized = quantized_copy(model, bits)
-    full, full_rows = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length)
-    quant, quant_rows = forget_metrics(quantized, tokenizer, forget_rows, batch_size, max_length)
-    per_example = {}
-    for metric in METRICS:
-        per_example[f"{metric}_full"] = full_rows[metric]
-        per_example[f"{metric}_quantized"] = quant_rows[metric]
-    return {
-        "full": full,
-        "quantized": quant,
-        "difference": {m: quant[m] - full[m] for m in METRICS},
-        "bits": bits,
-        "per_example": per_example,
-    }
+    full = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length)
+    quant = forget_metrics(quantized, tokenizer, forget_rows, batch_size, max_length)
+    return {**side_by_side(("full", full), ("quantized", quant), change="difference"), "bits": bits}
 
 
 class QuantizationEvaluator:

@@ -98,10 +98,24 @@ def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str |
         evaluation_data={"tofu": tofu} if in_training else None,
         evaluation_reference=args.reference_eval,
     )
+    rank = trainer.args.process_index
+    reference_model = getattr(trainer.reference, "model", None)
+    print(
+        f"[rank {rank}] reference {trainer.reference_mode}"
+        + (
+            f" ({type(reference_model).__name__}, trainable tensors: "
+            f"{sum(p.requires_grad for p in reference_model.parameters())})"
+            if reference_model is not None
+            else ""
+        )
+    )
     trainer.train()
     trainer.save_model()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    print(f"[rank {trainer.args.process_index}] trained weights sha256 {weights_fingerprint(unwrapped)}")
+    print(
+        f"[rank {rank}] trained weights sha256 {weights_fingerprint(unwrapped)} "
+        f"(policy wrapped as {type(trainer.model_wrapped).__name__})"
+    )
     result = None
     if args.run_evaluation:
         result = MetricSuite(["tofu"]).run(unwrapped, tokenizer, tofu=tofu, reference=args.reference_eval)
@@ -111,4 +125,6 @@ def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str |
             result.save(os.path.join(config.output_dir, "eval.json"))
     datasets = None if args.dataset == "demo" else [args.dataset]
     trainer.create_model_card(evaluation=result, command=command, datasets=datasets)
+    if trainer.args.should_save:
+        print(f"[rank {rank}] wrote {config.output_dir}: {', '.join(sorted(os.listdir(config.output_dir)))}")
     return trainer
