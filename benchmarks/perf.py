@@ -1,7 +1,7 @@
 """Step time and peak memory of unlearning designs, side by side in one run (issue: benchmarks/perf).
 
 For NPO, GradDiff-KL and RMU on the same Llama-config model and batch:
-  (a) sft    a plain SFT `Trainer` step on the forget batch (the floor);
+  (a) sft    a plain SFT `Trainer` step on the same examples (the forget and the retain batch together; the floor);
   (b) naive  the design most frameworks use: a deep-copied full reference run every step, float32 log-softmax over
              the whole vocabulary;
   (c) full   `UnlearningTrainer`, full fine-tune, reference cached where the strategy allows (NPO), else a copy;
@@ -70,6 +70,7 @@ def _naive_trainer_class():
 
 def measure(config: str, args: argparse.Namespace) -> dict:
     import torch
+    from datasets import concatenate_datasets
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from erasus_hf import UnlearningConfig, UnlearningTrainer
@@ -106,12 +107,14 @@ def measure(config: str, args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if config == "sft":
+    if config == "sft":  # the same examples per step as an unlearning step: `batch` forget + `batch` retain rows
         collator = QACollator(tokenizer)
-        data = forget.map(collator.tokenize, remove_columns=forget.column_names)
+        rows = concatenate_datasets([forget, retain])
+        data = rows.map(collator.tokenize, remove_columns=rows.column_names)
+        sft_args = {**common, "per_device_train_batch_size": 2 * args.batch}
         trainer = Trainer(
             model=model,
-            args=TrainingArguments(**common, remove_unused_columns=False),
+            args=TrainingArguments(**sft_args, remove_unused_columns=False),
             train_dataset=data,
             data_collator=collator,
             callbacks=[Clock()],
