@@ -66,11 +66,9 @@ def starting_model(
     """A model that knows the forget and retain authors: loaded, or (no model given) a tiny Llama trained here on
     them with TRL's SFTTrainer and saved to `output_dir/starting_model`, the base the unlearning adapter applies to."""
     if model_name_or_path:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .scripts.evaluate import load_model
 
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path), AutoTokenizer.from_pretrained(
-            model_name_or_path
-        )
+        return load_model(model_name_or_path)
     from .modeling.tiny import DEMO_MODEL, build_tiny_llama, sft_train, train_tokenizer
 
     everything = concatenate_datasets([forget, retain]).select_columns(["question", "answer"])

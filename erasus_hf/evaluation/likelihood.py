@@ -1,7 +1,8 @@
-"""Batched answer likelihoods and the TOFU truth ratio (the TOFU evaluator builds on these).
+"""Batched answer likelihoods and the TOFU truth ratio (the TOFU evaluator builds on the truth ratio).
 
-P(answer | question) = exp(-mean token NLL over the answer tokens) (TOFU's length-normalised probability). Every
-forward pass is batched: the paraphrased and the perturbed answers of all examples go through the model together.
+P(answer | question) = exp(-mean token NLL over the answer tokens) (TOFU's length-normalised probability).
+`answer_nll` scores with the objective's fused cross-entropy (no full-vocabulary log-softmax), the cheap path when
+only the NLL is needed; `scoring.token_stats` gives the fuller per-token statistics.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import is_progress_bar_enabled
 
-from ..data.collator import QACollator
 from ..objectives import CausalLMObjective
 from ..reference import eval_mode
+from .scoring import qa_batches
 
 
 @torch.no_grad()
@@ -30,21 +31,19 @@ def answer_nll(
     desc: str | None = None,
 ) -> torch.Tensor:
     """[N] mean token NLL of each answer given its question (prompt masked), in the unlearning collator's layout."""
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
-    collator = QACollator(tokenizer, max_length=max_length)
     objective = CausalLMObjective()
     device = next(model.parameters()).device
-    rows = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
+    batches = qa_batches(tokenizer, questions, answers, batch_size, max_length)
     out = []
     with eval_mode(model):
-        for start in tqdm(
-            range(0, len(rows), batch_size),
+        for batch in tqdm(
+            batches,
+            total=-(-len(answers) // batch_size),
             desc=desc,
             disable=desc is None or not is_progress_bar_enabled(),
             leave=False,
         ):
-            batch = {k: v.to(device) for k, v in collator(rows[start : start + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in batch.items()}
             out.append(objective.score(model, batch).mean_nll.float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 

@@ -13,9 +13,8 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .mia import dataset_batches, row_format
 from .result import EvaluationResult
-from .scoring import TokenStats, token_stats
+from .scoring import TokenStats, dataset_batches, row_format, token_stats
 
 
 def exact_memorization(stats: TokenStats) -> float:

@@ -22,7 +22,7 @@ from transformers.utils.logging import is_progress_bar_enabled
 from ..reference import eval_mode
 from .distributed import map_sharded
 from .result import EvaluationResult
-from .scoring import TokenStats, qa_batches, text_batches, token_stats
+from .scoring import TokenStats, dataset_batches, row_format, scored_texts, token_stats
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference")
 """The attacks `MIAEvaluator` runs, by name."""
@@ -136,35 +136,6 @@ def _gradnorm_block(model: nn.Module, batches: list[dict[str, torch.Tensor]], de
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
     return out
-
-
-def row_format(dataset: Dataset, what: str) -> str:
-    """`"qa"` for question/answer rows (the answer is scored given the question), `"text"` for rows with a `text`
-    column (every token after the first is scored); QA wins when both are present. Raises on empty or unusable data."""
-    if len(dataset) == 0:
-        raise ValueError(f"{what} is empty.")
-    columns = set(dataset.column_names)
-    if {"question", "answer"} <= columns:
-        return "qa"
-    if "text" in columns:
-        return "text"
-    raise ValueError(
-        f"{what} needs 'question' and 'answer' columns (QA rows) or a 'text' column; it has {dataset.column_names}."
-    )
-
-
-def dataset_batches(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32, max_length: int = 512
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of `dataset` (QA rows via `qa_batches`, text rows via `text_batches`)."""
-    if row_format(dataset, "The dataset") == "qa":
-        return qa_batches(tokenizer, dataset["question"], dataset["answer"], batch_size, max_length)
-    return text_batches(tokenizer, dataset["text"], batch_size, max_length)
-
-
-def scored_texts(dataset: Dataset) -> list[str]:
-    """The text each row's scored tokens come from: the answer of a QA row, the text of a text row."""
-    return list(dataset["answer"] if row_format(dataset, "The dataset") == "qa" else dataset["text"])
 
 
 class MIAEvaluator:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..data.collator import QACollator
+from .memorization import exact_memorization
 from .result import EvaluationResult
 from .scoring import TokenStats, qa_batches, token_stats
 
@@ -54,7 +55,7 @@ def forget_stats_metrics(stats: list[TokenStats]) -> tuple[dict[str, float], dic
     if not stats:
         raise ValueError("No scored examples.")
     probs = [math.exp(-s.nll) for s in stats]
-    accuracies = [(s.argmax == s.targets).float().mean().item() for s in stats]
+    accuracies = [exact_memorization(s) for s in stats]
     summary = {"forget_prob": sum(probs) / len(probs), "forget_accuracy": sum(accuracies) / len(accuracies)}
     return summary, {"forget_prob": probs, "forget_accuracy": accuracies}
 

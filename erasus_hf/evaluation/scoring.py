@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -70,6 +71,35 @@ def text_batches(
         yield collator([{"input_ids": i, "labels": i} for i in ids])
 
 
+def row_format(dataset: Dataset, what: str) -> str:
+    """`"qa"` for question/answer rows (the answer is scored given the question), `"text"` for rows with a `text`
+    column (every token after the first is scored); QA wins when both are present. Raises on empty or unusable data."""
+    if len(dataset) == 0:
+        raise ValueError(f"{what} is empty.")
+    columns = set(dataset.column_names)
+    if {"question", "answer"} <= columns:
+        return "qa"
+    if "text" in columns:
+        return "text"
+    raise ValueError(
+        f"{what} needs 'question' and 'answer' columns (QA rows) or a 'text' column; it has {dataset.column_names}."
+    )
+
+
+def dataset_batches(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32, max_length: int = 512
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of `dataset` (QA rows via `qa_batches`, text rows via `text_batches`)."""
+    if row_format(dataset, "The dataset") == "qa":
+        return qa_batches(tokenizer, dataset["question"], dataset["answer"], batch_size, max_length)
+    return text_batches(tokenizer, dataset["text"], batch_size, max_length)
+
+
+def scored_texts(dataset: Dataset) -> list[str]:
+    """The text each row's scored tokens come from: the answer of a QA row, the text of a text row."""
+    return list(dataset["answer"] if row_format(dataset, "The dataset") == "qa" else dataset["text"])
+
+
 def token_stats(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], desc: str | None = None
 ) -> list[TokenStats]:
@@ -101,8 +131,9 @@ def _batch_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Token
         if scored.shape[0] == 0:
             raise ValueError("An example has no scored token (all labels are -100).")
         logp = torch.log_softmax(scored, dim=-1)
-        mean = (logp.exp() * logp).sum(-1)
-        var = (logp.exp() * logp.square()).sum(-1) - mean.square()
+        probs = logp.exp()
+        mean = (probs * logp).sum(-1)
+        var = (probs * logp.square()).sum(-1) - mean.square()
         targets = labels[b][mask[b]]
         out.append(
             TokenStats(

@@ -96,8 +96,8 @@ class StrategyPipeline:
         if not stages:
             raise ValueError("StrategyPipeline needs at least one (strategy, overrides) stage.")
         self.stages = [(name, dict(overrides or {})) for name, overrides in stages]
-        for name, overrides in self.stages:
-            get_strategy(name, **(overrides.get("strategy_kwargs") or {}))  # fail early on unknown names
+        # built now so unknown names fail early; asked what each stage needs (each stage's trainer builds its own)
+        self.strategies = [get_strategy(name, **(o.get("strategy_kwargs") or {})) for name, o in self.stages]
 
     def run(self, model: nn.Module, args, **trainer_kwargs: Any) -> list:
         """Train every stage with `UnlearningTrainer(model, stage_args, **trainer_kwargs)`; return the trainers.
@@ -118,7 +118,7 @@ class StrategyPipeline:
             )
             for i, (name, overrides) in enumerate(self.stages)
         ]
-        strategies = [get_strategy(a.strategy, **a.strategy_kwargs) for a in stage_args]
+        strategies = self.strategies
         needs = [bool(s.reference_quantities(a.retain_loss)) for s, a in zip(strategies, stage_args, strict=True)]
         if reference is None and any(needs) and is_peft_model(model):
             name = snapshot_adapter(model)
@@ -166,8 +166,8 @@ class PipelineStrategy(Strategy):
     def __init__(self, stages: Sequence[tuple[str, dict[str, Any]] | list] = ()) -> None:
         self.pipeline = StrategyPipeline(stages)
         self.stages = [
-            (get_strategy(name, **(overrides.get("strategy_kwargs") or {})), overrides)
-            for name, overrides in self.pipeline.stages
+            (strategy, overrides)
+            for strategy, (_, overrides) in zip(self.pipeline.strategies, self.pipeline.stages, strict=True)
         ]
         self.uses_retain = any(s.uses_retain for s, _ in self.stages)
         first = self.stages[0][0]
