@@ -9,8 +9,10 @@ For NPO, GradDiff-KL and RMU on the same Llama-config model and batch:
 Each configuration runs in its own process (peak memory is per process: resident set on CPU,
 `torch.cuda.max_memory_allocated` on GPU); step time is the median of the steps after two warm-up steps.
 
-    python benchmarks/perf.py                     # CPU preset
-    python benchmarks/perf.py --device cuda --hidden 2048 --layers 16 --batch 8 --dtype bfloat16
+    python benchmarks/perf.py                     # CPU preset: Llama 256x4, vocabulary 8192, TOFU-length rows
+    python benchmarks/perf.py --preset gpu        # TinyLlama-1.1B shape, bf16, batch 8 x 512 tokens, on CUDA
+
+Any flag given after --preset overrides the preset's value.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ import sys
 import time
 
 STRATEGIES = {"npo": ("npo", "nll"), "grad_diff_kl": ("grad_diff", "kl"), "rmu": ("rmu", "nll")}
+PRESETS = {
+    "cpu": {"device": "cpu", "hidden": 256, "layers": 4, "heads": 4, "intermediate": 1024, "vocab": 8192,
+            "batch": 8, "seq_len": None, "dtype": "float32"},
+    # The shape of TinyLlama-1.1B (22 layers, hidden 2048, MLP 5632, 32 heads, vocabulary 32000), the issue's H100
+    # reference point: bf16, batch 8 x 512.
+    "gpu": {"device": "cuda", "hidden": 2048, "layers": 22, "heads": 32, "intermediate": 5632, "vocab": 32000,
+            "batch": 8, "seq_len": 512, "dtype": "bfloat16"},
+}  # fmt: skip
 DESIGNS = ("naive", "full", "lora")
 
 
@@ -68,6 +78,13 @@ def _naive_trainer_class():
     return NaiveTrainer
 
 
+def _long_rows(rows):
+    """Each answer followed by every other answer of `rows`: longer than any seq_len; the collator truncates."""
+    answers = list(rows["answer"])
+    return rows.map(lambda row, i: {"answer": " ".join([row["answer"], *answers[:i], *answers[i + 1 :]])},
+                    with_indices=True)  # fmt: skip
+
+
 def measure(config: str, args: argparse.Namespace) -> dict:
     import torch
     from datasets import concatenate_datasets
@@ -80,9 +97,19 @@ def measure(config: str, args: argparse.Namespace) -> dict:
 
     forget, retain = (d.select_columns(["question", "answer"]) for d in demo_splits(6))
     tokenizer = train_tokenizer(list(forget["question"]) + list(retain["answer"]), vocab_size=args.vocab)
+    if args.seq_len:  # rows of seq_len tokens: each answer followed by the other answers of the set, truncated
+        forget, retain = (_long_rows(d) for d in (forget, retain))
     model = build_tiny_llama(
-        tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=4, intermediate_size=4 * args.hidden
-    ).to(getattr(torch, args.dtype))
+        tokenizer,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(256, args.seq_len or 0),
+    )
+    if len(tokenizer) < args.vocab:  # the tokenizer learned fewer merges: widen the head to the preset's vocabulary
+        model.resize_token_embeddings(args.vocab, mean_resizing=False)
+    model = model.to(getattr(torch, args.dtype))
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -96,6 +123,7 @@ def measure(config: str, args: argparse.Namespace) -> dict:
 
     common = dict(
         output_dir="/tmp/perf",
+        bf16=args.dtype == "bfloat16",
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         save_strategy="no",
@@ -108,7 +136,7 @@ def measure(config: str, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if config == "sft":  # the same examples per step as an unlearning step: `batch` forget + `batch` retain rows
-        collator = QACollator(tokenizer)
+        collator = QACollator(tokenizer, max_length=args.seq_len or 512)
         rows = concatenate_datasets([forget, retain])
         data = rows.map(collator.tokenize, remove_columns=rows.column_names)
         sft_args = {**common, "per_device_train_batch_size": 2 * args.batch}
@@ -132,6 +160,7 @@ def measure(config: str, args: argparse.Namespace) -> dict:
             retain_loss=retain_loss,
             use_peft=design == "lora",
             reference=reference,
+            max_length=args.seq_len or 512,
         )
         cls = _naive_trainer_class() if design == "naive" else UnlearningTrainer
         trainer = cls(
@@ -156,16 +185,23 @@ def measure(config: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--preset", default="cpu", choices=list(PRESETS), help="sizes and device (default: cpu)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the Llama-config model")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
-    parser.add_argument("--vocab", type=int, default=8192, help="tokenizer vocabulary (the log-softmax width)")
-    parser.add_argument("--batch", type=int, default=8, help="forget (and retain) examples per step")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--hidden", type=int, help="hidden size of the Llama-config model")
+    parser.add_argument("--layers", type=int, help="decoder layers")
+    parser.add_argument("--heads", type=int, help="attention heads")
+    parser.add_argument("--intermediate", type=int, help="MLP width")
+    parser.add_argument("--vocab", type=int, help="vocabulary size (the log-softmax width)")
+    parser.add_argument("--batch", type=int, help="forget (and retain) examples per step")
+    parser.add_argument("--seq_len", type=int, help="tokens per row (default: the TOFU rows' own lengths)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"])
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
+    set_seed,
 )
 from transformers.trainer_utils import TrainOutput
 
@@ -142,11 +143,16 @@ class UnlearningTrainer(Trainer):
                 raise ValueError("A causal LM needs its tokenizer: pass processing_class=tokenizer.")
             ensure_pad_token(processing_class)
         side_collator = data_collator or (
-            QACollator(processing_class, max_length=args.max_length) if causal else default_side_collator
+            QACollator(processing_class, max_length=args.max_length)
+            if causal
+            else getattr(self.objective, "collator", None) or default_side_collator  # diffusion: prompts
         )
 
         starting_model = model
-        model, self._adapter_name, had_adapter = prepare_peft(
+        set_seed(args.seed)  # the adapter's initialisation follows the run's seed, whatever ran before
+        # an objective may add its adapter its family's own way (diffusion: `unet.add_adapter`, no PeftModel)
+        prepare = getattr(self.objective, "prepare_peft", None) or prepare_peft
+        model, self._adapter_name, had_adapter = prepare(
             model, args, peft_config, task_type="CAUSAL_LM" if causal else None
         )
         self.strategy.prepare_model(model)
@@ -227,6 +233,8 @@ class UnlearningTrainer(Trainer):
         mode = self.reference_mode
         if mode == "none":
             return None
+        if hasattr(self.objective, "build_reference"):  # diffusion: the adapter-off UNet or a frozen copy
+            return self.objective.build_reference(self.model, mode, ref_model, had_adapter)
         if mode == "cached":
             scorer = self.model
             if ref_model is not None:
@@ -264,7 +272,14 @@ class UnlearningTrainer(Trainer):
     def train(self, *args, **kwargs):
         """Train; a one-shot strategy (task-vector negation, ...) applies its edit instead of a training loop."""
         if not getattr(self.strategy, "one_shot", False):
-            return super().train(*args, **kwargs)
+            setup = getattr(self.strategy, "setup", None)  # e.g. SalUn's saliency mask, from the forget set
+            if setup is None:
+                return super().train(*args, **kwargs)
+            self.log(dict(setup(self)))
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.strategy.teardown()
         metrics = self.strategy.apply(self)
         check_finite_weights(self.accelerator.unwrap_model(self.model))
         self.log(dict(metrics))
@@ -420,7 +435,9 @@ class UnlearningTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         check_finite_weights(model)
         os.makedirs(output_dir, exist_ok=True)
-        if is_peft_model(model) and self.args.merge_adapter:
+        if hasattr(self.objective, "save_model"):  # diffusion: the UNet LoRA or the trained tensors only
+            self.objective.save_model(model, output_dir)
+        elif is_peft_model(model) and self.args.merge_adapter:
             merged = copy.deepcopy(model)
             if REFERENCE_ADAPTER in merged.peft_config:
                 merged.delete_adapter(REFERENCE_ADAPTER)

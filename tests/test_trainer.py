@@ -322,3 +322,17 @@ def test_config_parses_from_the_command_line():
     assert "cached" in parser.format_help() and "--forget_weight" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", "x", "--retain_loss", "mse"])
+
+
+def test_the_adapter_initialisation_follows_the_seed_not_what_ran_before(tmp_path, tokenizer, tiny_llama, tofu_slice):
+    forget = qa(tofu_slice[0]).select(range(4))
+    adapters = []
+    for draws in (0, 5):
+        torch.rand(draws)  # whatever consumed the global generator before the trainer was built
+        model = copy.deepcopy(tiny_llama)
+        trainer = UnlearningTrainer(
+            model, config(tmp_path, strategy="ga", use_peft=True), forget_dataset=forget, processing_class=tokenizer
+        )
+        adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n})
+    assert adapters[0] and adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])

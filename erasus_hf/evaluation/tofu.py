@@ -92,6 +92,8 @@ class TOFUEvaluator:
         max_new_tokens: generation length for ROUGE.
         max_length: token limit of a scored question + answer (longer ones are truncated on the right).
         name: prefix of the metric names.
+        rouge: False skips the greedy generation and the ROUGE metrics (model utility then uses Prob and truth
+            ratio only): a cheap pass for forget quality, e.g. after every epoch.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class TOFUEvaluator:
         max_new_tokens: int = 64,
         max_length: int = 512,
         name: str = "tofu",
+        rouge: bool = True,
     ) -> None:
         if not isinstance(data, TOFUDataset):
             raise TypeError(f"data must be a TOFUDataset, got {type(data).__name__}")
@@ -114,11 +117,12 @@ class TOFUEvaluator:
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
         self.name = name
+        self.rouge = rouge
 
     def split_scores(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: str, dataset: Dataset
     ) -> dict[str, list[float]]:
-        """Per-example ``prob``, ``rouge`` and raw ``truth_ratio`` of one set."""
+        """Per-example ``prob``, raw ``truth_ratio`` and (unless ``rouge=False``) ``rouge`` of one set."""
         questions = list(dataset["question"])
         answers = list(dataset["answer"])
         perturbed = list(dataset["perturbed_answer"])
@@ -138,8 +142,9 @@ class TOFUEvaluator:
             prob = torch.exp(-answer_nll)
         else:
             prob = normalised_probability(answer_nll, perturbed_nll)
-        ratios = truth_ratio(true_nll, perturbed_nll)
-
+        scores = {"prob": prob.tolist(), "truth_ratio": truth_ratio(true_nll, perturbed_nll).tolist()}
+        if not self.rouge:
+            return scores
         generations = greedy_generate(
             model,
             tokenizer,
@@ -148,8 +153,8 @@ class TOFUEvaluator:
             batch_size=self.batch_size,
             desc=f"TOFU {split}: generation",
         )
-        rouge = [rouge_recall(g, a) for g, a in zip(generations, answers, strict=True)]
-        return {"prob": prob.tolist(), "rouge": rouge, "truth_ratio": ratios.tolist()}
+        scores["rouge"] = [rouge_recall(g, a) for g, a in zip(generations, answers, strict=True)]
+        return scores
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
@@ -160,8 +165,9 @@ class TOFUEvaluator:
         for split, dataset in self.data.splits().items():
             scores = self.split_scores(model, tokenizer, split, dataset)
             ratios = torch.tensor(scores["truth_ratio"], dtype=torch.float64)
-            result.summary[f"{name}/{split}_prob"] = sum(scores["prob"]) / len(scores["prob"])
-            result.summary[f"{name}/{split}_rouge"] = sum(scores["rouge"]) / len(scores["rouge"])
+            for metric in ("prob", "rouge"):
+                if metric in scores:
+                    result.summary[f"{name}/{split}_{metric}"] = sum(scores[metric]) / len(scores[metric])
             result.summary[f"{name}/{split}_truth_ratio"] = truth_ratio_score(ratios, forget=split == "forget")
             for metric, values in scores.items():
                 result.per_example[f"{name}/{split}_{metric}"] = values

@@ -19,6 +19,11 @@ def get_objective(name_or_objective: str | Objective | None, model: nn.Module) -
     if isinstance(name_or_objective, Objective):
         objective = name_or_objective
     elif name_or_objective is None:
+        if hasattr(getattr(model, "config", None), "cross_attention_dim"):
+            raise ValueError(
+                f"{type(model).__name__} is a diffusion UNet: pass objective=DiffusionObjective(text_encoder, "
+                "tokenizer, scheduler[, vae]) (from erasus_hf.diffusion), or DiffusionObjective.from_pipeline(pipe)."
+            )
         objective = CausalLMObjective() if is_causal_lm(model) else ClassificationObjective()
     elif name_or_objective in OBJECTIVES:
         objective = OBJECTIVES[name_or_objective]()

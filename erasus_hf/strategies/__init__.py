@@ -9,6 +9,10 @@ from .gradient_ascent import GradDiff, GradientAscent
 from .npo import NPO, SimNPO
 from .registry import STRATEGIES, get_strategy, register_strategy
 
+# the concept-erasure strategies of diffusion models (esd, uce, concept_ablation, diffusion_salun); they import
+# diffusers only when used
+from ..diffusion import concept_ablation, esd, salun, uce  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "NPO",
     "EnsembleStrategy",

@@ -1,0 +1,32 @@
+"""The tofu_mini benchmark's author roles: the forget and holdout authors are never training rows of the retain model,
+the holdout never of either model, and the retain evaluation rows are retain training rows."""
+
+import pytest
+
+from benchmarks.efficiency_benchmark import best_point
+from benchmarks.tofu_mini.models import DEFAULT_DATA_DIR, load_splits
+from benchmarks.tofu_mini.presets import PRESETS
+
+
+@pytest.mark.skipif(not DEFAULT_DATA_DIR.is_dir(), reason=f"needs the full TOFU files in {DEFAULT_DATA_DIR}")
+@pytest.mark.parametrize("preset", ["small", "small_forget05", "large"])
+def test_author_roles_are_disjoint(preset):
+    settings = PRESETS[preset]
+    splits = load_splits(settings, str(DEFAULT_DATA_DIR))
+    train, forget, holdout = (set(d["question"]) for d in (splits.train_retain, splits.forget, splits.holdout))
+    assert len(splits.train_retain) == 20 * len(settings.retain_authors)  # (TOFU repeats one question text)
+    assert len(splits.holdout) == 20 * len(settings.holdout_authors)
+    assert len(forget) == {"forget01": 40, "forget05": 200, "forget10": 400}[settings.forget_split]
+    assert not train & forget and not train & holdout and not forget & holdout
+    assert set(splits.retain_eval["question"]) <= train
+    assert len(splits.retain_eval) == settings.retain_eval_rows
+
+
+def test_best_point_is_the_first_epoch_at_the_highest_forget_quality():
+    trace = [
+        {"epoch": 1, "forget_quality": 0.01, "train_seconds": 1.0},
+        {"epoch": 2, "forget_quality": 0.5, "train_seconds": 2.0},
+        {"epoch": 3, "forget_quality": 0.5, "train_seconds": 3.0},
+        {"epoch": 4, "forget_quality": 0.2, "train_seconds": 4.0},
+    ]
+    assert best_point(trace)["epoch"] == 2
