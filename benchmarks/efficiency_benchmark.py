@@ -62,7 +62,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = tofu_mini_args(argv)
+    args = tofu_mini_args(argv, prog="python -m benchmarks.efficiency_benchmark", description=__doc__)
     if args.quiet:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()

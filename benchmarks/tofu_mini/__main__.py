@@ -31,11 +31,12 @@ from .protocol import evaluate, run_method
 from .report import environment, write
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None = None, prog: str = "python -m benchmarks.tofu_mini", description: str = __doc__
+) -> argparse.Namespace:
+    """The benchmark's options (shared by `benchmarks.efficiency_benchmark`, which passes its own name and text)."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.tofu_mini",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="small", choices=list(PRESETS), help="benchmark size (default: small)")
     parser.add_argument("--methods", nargs="+", help="strategies to run (default: every one in methods.py)")
