@@ -28,7 +28,8 @@ class ErasusUnlearner:
     """`ErasusUnlearner(model, strategy="npo", tokenizer=tok, use_peft=True).fit(forget, retain, epochs=3)`.
 
     Keyword arguments not named here go to `UnlearningConfig` (e.g. `learning_rate`, `retain_loss`,
-    `per_device_train_batch_size`); `strategy_kwargs` holds the strategy's hyperparameters.
+    `per_device_train_batch_size`); `strategy_kwargs` holds the strategy's hyperparameters. `objective` is the
+    model family's objective when it is not detected (a diffusion UNet: `DiffusionObjective.from_pipeline(pipe)`).
     """
 
     def __init__(
@@ -39,9 +40,11 @@ class ErasusUnlearner:
         use_peft: bool = False,
         ref_model: nn.Module | None = None,
         output_dir: str | None = None,
+        objective: Any = None,
         **config_kwargs: Any,
     ) -> None:
         self.model = model
+        self.objective = objective
         self.tokenizer = tokenizer
         self.ref_model = ref_model
         self.config_kwargs = {
@@ -64,6 +67,7 @@ class ErasusUnlearner:
             retain_dataset=retain_data,
             ref_model=self.ref_model,
             processing_class=self.tokenizer,
+            objective=self.objective,
         )
         start = time.perf_counter()
         trainer.train()

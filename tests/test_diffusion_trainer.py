@@ -223,3 +223,20 @@ def test_salun_updates_only_the_salient_weights(tmp_path):
         moved_inside += int((delta[masks[name] == 1] > 0).sum())
     assert moved_inside > 0
     assert trainer.strategy._hooks == []  # the gradient masks are removed after training
+
+
+def test_the_erasus_front_door_erases_with_a_diffusion_objective(tmp_path):
+    from erasus_hf import ErasusUnlearner
+
+    model = build_digit_model()
+    unet, objective = model.unet, model.objective
+    original = outputs(unet, objective)
+    unlearner = ErasusUnlearner(
+        unet, strategy="esd", objective=objective, use_peft=True, lora_r=4, output_dir=str(tmp_path),
+        strategy_kwargs={"variant": "esd-x", "num_inference_steps": 2}, learning_rate=1e-2, max_steps=2,
+        per_device_train_batch_size=2, retain_loss="none", report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    result = unlearner.fit(prompts(3, 3))
+    assert result.trainer.reference_mode == "adapter"
+    assert len(result.forget_loss_history) == 2
+    assert not torch.allclose(outputs(result.model, objective), original, atol=1e-4)  # the adapter moved
