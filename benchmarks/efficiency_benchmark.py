@@ -21,13 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
-import transformers
-
-from .tofu_mini.__main__ import parse_args as tofu_mini_args
-from .tofu_mini.methods import methods
+from .tofu_mini.__main__ import setup
 from .tofu_mini.models import load_splits, train_model, trained_models
-from .tofu_mini.presets import PRESETS
 from .tofu_mini.protocol import evaluate, run_method
 from .tofu_mini.report import environment
 
@@ -62,15 +57,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = tofu_mini_args(argv, prog="python -m benchmarks.efficiency_benchmark", description=__doc__)
-    if args.quiet:
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    preset = PRESETS[args.preset]
-    catalogue = methods(preset.model.num_layers)
-    unknown = sorted(set(args.methods or []) - set(catalogue))
-    if unknown:
-        raise SystemExit(f"Unknown method(s) {unknown}; the benchmark runs {sorted(catalogue)}.")
+    args, preset, catalogue = setup(argv, prog="python -m benchmarks.efficiency_benchmark", description=__doc__)
     start = time.perf_counter()
     splits = load_splits(preset, args.data_dir)
     cached = trained_models(preset, splits, args.cache_dir, seed=args.seed, quiet=args.quiet)

@@ -24,9 +24,9 @@ import transformers
 
 from erasus_hf.evaluation.tofu import forget_quality
 
-from .methods import methods
+from .methods import Method, methods
 from .models import DEFAULT_DATA_DIR, load_splits, trained_models
-from .presets import PRESETS
+from .presets import PRESETS, Preset
 from .protocol import evaluate, run_method
 from .report import environment, write
 
@@ -55,8 +55,9 @@ def parse_args(
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def setup(argv: list[str] | None = None, **parser_text: str) -> tuple[argparse.Namespace, Preset, dict[str, Method]]:
+    """Parse the options, silence the progress bars with --quiet, and check --methods against the catalogue."""
+    args = parse_args(argv, **parser_text)
     if args.quiet:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(args.methods or []) - set(catalogue))
     if unknown:
         raise SystemExit(f"Unknown method(s) {unknown}; the benchmark runs {sorted(catalogue)}.")
+    return args, preset, catalogue
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, preset, catalogue = setup(argv)
     start = time.perf_counter()
     splits = load_splits(preset, args.data_dir)
     trained = trained_models(preset, splits, args.cache_dir, seed=args.seed, quiet=args.quiet, retrain=args.retrain)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from erasus_hf.modeling.tiny import TinyModelSettings
 
@@ -35,23 +35,23 @@ class Preset:
     notes: str = field(default="", compare=False)
 
 
+SMALL = Preset(
+    name="small",
+    retain_authors=range(0, 30),
+    forget_split="forget01",
+    holdout_authors=range(170, 175),
+    retain_eval_rows=100,
+    model=TinyModelSettings(vocab_size=2048, hidden_size=128, num_layers=2, intermediate_size=256),
+    notes="2 CPU cores, under 30 minutes with the models cached",
+)
+
 PRESETS = {
-    "small": Preset(
-        name="small",
-        retain_authors=range(0, 30),
-        forget_split="forget01",
-        holdout_authors=range(170, 175),
-        retain_eval_rows=100,
-        model=TinyModelSettings(vocab_size=2048, hidden_size=128, num_layers=2, intermediate_size=256),
-        notes="2 CPU cores, under 30 minutes with the models cached",
-    ),
-    "small_forget05": Preset(
+    "small": SMALL,
+    "small_forget05": replace(
+        SMALL,
         name="small_forget05",
-        retain_authors=range(0, 30),
         forget_split="forget05",
         holdout_authors=range(170, 180),
-        retain_eval_rows=100,
-        model=TinyModelSettings(vocab_size=2048, hidden_size=128, num_layers=2, intermediate_size=256),
         notes="the forget05-size group on the small model",
     ),
     "large": Preset(
