@@ -153,7 +153,7 @@ class UnlearningTrainer(Trainer):
         # an objective may add its adapter its family's own way (diffusion: `unet.add_adapter`, no PeftModel)
         prepare = getattr(self.objective, "prepare_peft", None) or prepare_peft
         model, self._adapter_name, had_adapter = prepare(
-            model, args, peft_config, task_type="CAUSAL_LM" if causal else None
+            model, args, peft_config, task_type=self.objective.peft_task_type
         )
         self.strategy.prepare_model(model)
         if reference is not None and self.strategy.reference_quantities(args.retain_loss):

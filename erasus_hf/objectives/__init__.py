@@ -1,21 +1,22 @@
-"""Objectives: one per model family, each turning a batch into the quantities strategies need."""
+"""Objectives: one per model family, each turning a batch into the quantities strategies need.
+
+Auto-detection (`get_objective(None, model)`) tries the registered objectives in the order imported below (the
+specific families first) and falls back to classification, which serves any module that returns class logits.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import Objective, Scores, token_logprobs_from_logits
+from .base import OBJECTIVES, Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 from .causal_lm import CausalLMObjective, is_causal_lm
 from .classification import ClassificationObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    CausalLMObjective.name: CausalLMObjective,
-    ClassificationObjective.name: ClassificationObjective,
-}
+register_objective(ClassificationObjective)  # last: the fallback
 
 
 def get_objective(name_or_objective: str | Objective | None, model: nn.Module) -> Objective:
-    """The objective named, or the one that fits `model` (causal LM, else classification) when None."""
+    """The objective named, or the one whose family `model` belongs to when None (classification as fallback)."""
     if isinstance(name_or_objective, Objective):
         objective = name_or_objective
     elif name_or_objective is None:
@@ -24,7 +25,8 @@ def get_objective(name_or_objective: str | Objective | None, model: nn.Module) -
                 f"{type(model).__name__} is a diffusion UNet: pass objective=DiffusionObjective(text_encoder, "
                 "tokenizer, scheduler[, vae]) (from erasus_hf.diffusion), or DiffusionObjective.from_pipeline(pipe)."
             )
-        objective = CausalLMObjective() if is_causal_lm(model) else ClassificationObjective()
+        detected = next((cls for cls in OBJECTIVES.values() if cls.matches(model)), ClassificationObjective)
+        objective = detected()
     elif name_or_objective in OBJECTIVES:
         objective = OBJECTIVES[name_or_objective]()
     else:
@@ -41,5 +43,7 @@ __all__ = [
     "Scores",
     "get_objective",
     "is_causal_lm",
+    "register_objective",
     "token_logprobs_from_logits",
+    "unwrap_model",
 ]

@@ -45,9 +45,20 @@ class Scores:
 
 
 class Objective:
-    """How to score a batch for one model family. Subclasses implement `score` and `validate_model`."""
+    """How to score a batch for one model family. Subclasses implement `score` and `validate_model`, and `matches`
+    when the family can be recognised from the model alone (`get_objective(None, model)`).
+
+    Optional instance attribute `collator`: the side collator for this family's rows (used when the caller passes
+    none); a collator with a `tokenize(row)` method has the rows tokenized once up front.
+    """
 
     name: ClassVar[str]
+    peft_task_type: ClassVar[str | None] = None  # PEFT's task type for the LoRA wrapper (e.g. "CAUSAL_LM")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether `model` (possibly PEFT/DDP-wrapped) belongs to this family; used for auto-detection."""
+        return False
 
     def validate_model(self, model: nn.Module) -> None:
         """Raise a clear error when `model` cannot be scored by this objective."""
@@ -57,6 +68,27 @@ class Objective:
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["labels"].shape[0]
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make an objective available by `cls.name`. Auto-detection tries objectives in registration
+    order, so register the more specific families first."""
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model under a PEFT or DDP wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # PeftModel
+            model = model.get_base_model()
+        else:
+            return model
 
 
 def token_logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

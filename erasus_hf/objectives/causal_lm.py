@@ -7,22 +7,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .base import Objective, Scores, token_logprobs_from_logits
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT or DDP wrapper."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # PeftModel
-            model = model.get_base_model()
-        else:
-            return model
+from .base import Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    base = _base_model(model)
+    base = unwrap_model(model)
     return (
         isinstance(base, PreTrainedModel)
         and type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -30,14 +19,20 @@ def is_causal_lm(model: nn.Module) -> bool:
     )
 
 
+@register_objective
 class CausalLMObjective(Objective):
     """Scores `labels[:, 1:]` with the logits of positions `:-1` (labels are shifted here, never by the collator)."""
 
     name = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return is_causal_lm(model)
 
     def validate_model(self, model: nn.Module) -> None:
         if not is_causal_lm(model):
-            got = type(_base_model(model)).__name__
+            got = type(unwrap_model(model)).__name__
             raise ValueError(
                 f"The causal-LM objective needs a decoder-only *ForCausalLM model, got {got}. "
                 "For a model that returns class logits use objective='classification'."

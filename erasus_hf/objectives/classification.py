@@ -12,7 +12,7 @@ _NOT_MODEL_INPUTS = ("labels", "index", "slot", "alternate")
 
 class ClassificationObjective(Objective):
     """Calls `model(**inputs)` with every batch key but labels and bookkeeping keys; reads `.logits` or the
-    returned tensor."""
+    returned tensor. Registered last: it is the fallback of auto-detection for any module returning logits."""
 
     name = "classification"
 
