@@ -105,3 +105,13 @@ def unlearn(
     )
     trainer.train()
     return trainer
+
+
+@pytest.fixture(scope="session")
+def spoken_digits():
+    """The ten digit words spoken by espeak-ng: 6 voices x 2 speeds x 2 pitches each (240 clips, 16 kHz)."""
+    from erasus_hf.data.spoken_words import espeak_available, spoken_words
+
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): there is no speech to test on")
+    return spoken_words()
