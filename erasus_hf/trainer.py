@@ -46,6 +46,7 @@ from .reference import (
     snapshot_adapter,
 )
 from .strategies import Strategy, StrategyContext, get_strategy
+from .strategies.base import check_token_scores
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class UnlearningTrainer(Trainer):
                 f"Strategy {self.strategy.name!r} serves {self.strategy.objectives}, not the {self.objective.name!r} "
                 f"objective of {type(model).__name__}."
             )
+        check_token_scores(self.strategy, self.objective, args.retain_loss)  # CTC: sequence likelihoods only
         if forget_dataset is None:
             raise ValueError("UnlearningTrainer needs a forget_dataset.")
         if self.strategy.needs_retain(args.retain_loss) and retain_dataset is None:
@@ -145,7 +147,7 @@ class UnlearningTrainer(Trainer):
         side_collator = data_collator or (
             QACollator(processing_class, max_length=args.max_length)
             if causal
-            else getattr(self.objective, "collator", None) or default_side_collator  # diffusion: prompts
+            else self.objective.collator_for(processing_class, args.max_length) or default_side_collator
         )
 
         starting_model = model
@@ -166,6 +168,7 @@ class UnlearningTrainer(Trainer):
                 args.retain_loss,
                 peft=self._adapter_name is not None,
                 ref_model=ref_model,
+                cacheable=getattr(self.objective, "cacheable_reference", True),
             )
         if ref_model is not None and self.reference_mode != "none":
             check_same_vocabulary(starting_model, ref_model)
@@ -471,9 +474,15 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def resolve_reference_mode(
-    requested: str, strategy: Strategy, retain_loss_name: str, peft: bool, ref_model: nn.Module | None
+    requested: str,
+    strategy: Strategy,
+    retain_loss_name: str,
+    peft: bool,
+    ref_model: nn.Module | None,
+    cacheable: bool = True,
 ) -> str:
-    """The reference mode to build: 'none' | 'cached' | 'adapter' | 'copy' (see `UnlearningConfig.reference`)."""
+    """The reference mode to build: 'none' | 'cached' | 'adapter' | 'copy' (see `UnlearningConfig.reference`).
+    `cacheable` is False for objectives whose per-example scores depend on the rest of the batch (contrastive)."""
     needs = strategy.reference_quantities(retain_loss_name)
     if not needs:
         if requested not in ("auto", "none") or ref_model is not None:
@@ -483,9 +492,14 @@ def resolve_reference_mode(
     if requested == "none":
         raise ValueError(f"{what} needs a reference model; set reference to 'auto', 'adapter', 'copy' or 'cached'.")
     if requested == "auto":
-        if needs == {"sequence_logprob"}:
+        if needs == {"sequence_logprob"} and cacheable:
             return "cached"
         return "copy" if ref_model is not None or not peft else "adapter"
+    if requested == "cached" and not cacheable:
+        raise ValueError(
+            f"{what}: the objective's log-probs depend on the whole batch, so they cannot be cached per example; use "
+            "reference='adapter' (with PEFT) or 'copy'."
+        )
     if requested == "cached" and "scores" in needs:
         raise ValueError(f"{what} needs reference logits, which reference='cached' cannot give; use adapter or copy.")
     if requested == "adapter" and not peft:

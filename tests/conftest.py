@@ -14,7 +14,9 @@ from erasus_hf.data.tofu import demo_splits
 from erasus_hf.evaluation import answer_nll
 from erasus_hf.modeling.tiny import build_tiny_llama, sft_train, train_tokenizer
 
-torch.set_num_threads(2)
+# The models here are tiny: one thread each runs them faster than two, and the suite runs one pytest-xdist worker
+# per core (`-n auto --dist loadfile`, the README's command), so two threads per worker would oversubscribe the CPU.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

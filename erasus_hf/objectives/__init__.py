@@ -11,6 +11,10 @@ from torch import nn
 from .base import OBJECTIVES, Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 from .causal_lm import CausalLMObjective, is_causal_lm
 from .classification import ClassificationObjective
+from .contrastive import ContrastiveCollator, ContrastiveObjective
+from .ctc import AudioCollator, CTCObjective, is_ctc_model
+from .seq2seq import Seq2SeqObjective, Seq2SeqQACollator, SpeechSeq2SeqCollator, is_seq2seq_lm
+from .vision_language import VisionLanguageCollator, VisionLanguageObjective, is_vision_language_model
 
 register_objective(ClassificationObjective)  # last: the fallback
 
@@ -37,13 +41,25 @@ def get_objective(name_or_objective: str | Objective | None, model: nn.Module) -
 
 __all__ = [
     "OBJECTIVES",
+    "AudioCollator",
+    "CTCObjective",
     "CausalLMObjective",
     "ClassificationObjective",
+    "ContrastiveCollator",
+    "ContrastiveObjective",
     "Objective",
     "Scores",
+    "Seq2SeqObjective",
+    "Seq2SeqQACollator",
+    "SpeechSeq2SeqCollator",
+    "VisionLanguageCollator",
+    "VisionLanguageObjective",
     "get_objective",
     "is_causal_lm",
+    "is_ctc_model",
+    "is_seq2seq_lm",
     "register_objective",
     "token_logprobs_from_logits",
+    "is_vision_language_model",
     "unwrap_model",
 ]

@@ -9,7 +9,7 @@ SimNPO, ...) serves every family that can give a per-example likelihood.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ class Objective:
 
     def validate_model(self, model: nn.Module) -> None:
         """Raise a clear error when `model` cannot be scored by this objective."""
+
+    def collator_for(self, processing_class: Any | None, max_length: int) -> Any | None:
+        """The side collator for this family's rows when the trainer is given none (the trainer's `processing_class`
+        and `max_length` at hand); None means rows that are already numeric and stack as they are."""
+        return getattr(self, "collator", None)
 
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         raise NotImplementedError

@@ -59,7 +59,17 @@ class Strategy:
     paper: ClassVar[str]
     needs_reference: ClassVar[frozenset[str]] = frozenset()
     uses_retain: ClassVar[bool] = True
-    objectives: ClassVar[tuple[str, ...]] = ("causal_lm", "classification")
+    objectives: ClassVar[tuple[str, ...]] = (
+        "causal_lm",
+        "classification",
+        "seq2seq",
+        "ctc",
+        "contrastive",
+        "vision_language",
+    )
+    # whether the forget loss reads per-token log-probs or the logits of the target tokens, not only sequence
+    # log-likelihoods; objectives without them (CTC: `supports_token_scores = False`) cannot serve such a strategy
+    token_level: ClassVar[bool] = False
 
     def prepare_model(self, model: nn.Module) -> None:
         """Called once before the optimizer is built; a method that trains only some parameters (e.g. RMU's chosen
@@ -98,6 +108,10 @@ class Strategy:
             needs.add("scores")
         return frozenset(needs)
 
+    def needs_token_scores(self, retain_loss_name: str) -> bool:
+        """Whether the loss reads per-token log-probs or logits: a token-level forget term or a KL retain term."""
+        return self.token_level or (self.needs_retain(retain_loss_name) and retain_loss_name == "kl")
+
     @classmethod
     def hyperparameter_names(cls) -> list[str]:
         """The keyword arguments of `__init__`: the method's hyperparameters."""
@@ -111,6 +125,22 @@ class Strategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
         return f"{type(self).__name__}({args})"
+
+
+def check_token_scores(strategy: Strategy, objective: Objective, retain_loss_name: str) -> None:
+    """Refuse a strategy that reads per-token log-probs or logits for an objective whose scores have none (CTC gives a
+    sequence likelihood only), naming the strategies that can serve it."""
+    if getattr(objective, "supports_token_scores", True) or not strategy.needs_token_scores(retain_loss_name):
+        return
+    from .registry import STRATEGIES
+
+    what = "its loss reads" if strategy.token_level else f"retain_loss={retain_loss_name!r} (a KL) reads"
+    usable = sorted(n for n, c in STRATEGIES.items() if objective.name in c.objectives and not c.token_level)
+    raise ValueError(
+        f"Strategy {strategy.name!r} cannot serve the {objective.name!r} objective: {what} per-token log-probs or "
+        f"logits of the target tokens, and {getattr(objective, 'token_scores_note', 'this objective has none')}. "
+        f"Strategies that need only sequence log-likelihoods (with retain_loss 'nll' or 'none'): {', '.join(usable)}."
+    )
 
 
 def kl_to_reference(policy: Scores, reference: Scores, temperature: float = 1.0) -> torch.Tensor:

@@ -47,6 +47,7 @@ class EnsembleStrategy(Strategy):
             raise ValueError(f"Ensemble members must be distinct strategies, got {names}")
         self.needs_reference = frozenset().union(*(s.needs_reference for s, _ in self.members))
         self.uses_retain = any(s.uses_retain for s, _ in self.members)
+        self.token_level = any(s.token_level for s, _ in self.members)
         self.objectives = tuple(
             o for o in self.members[0][0].objectives if all(o in s.objectives for s, _ in self.members)
         )
@@ -179,6 +180,9 @@ class PipelineStrategy(Strategy):
 
     def needs_retain(self, retain_loss_name: str) -> bool:
         return any(s.needs_retain(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)
+
+    def needs_token_scores(self, retain_loss_name: str) -> bool:
+        return any(s.needs_token_scores(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)
 
     def reference_quantities(self, retain_loss_name: str) -> frozenset[str]:
         needed = any(s.reference_quantities(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)

@@ -33,7 +33,7 @@ class DPO(Strategy):
     name = "dpo"
     paper = "https://arxiv.org/abs/2305.18290"
     needs_reference = frozenset({"sequence_logprob"})
-    objectives = ("causal_lm",)
+    objectives = ("causal_lm", "vision_language")
 
     def __init__(self, beta: float = 0.1) -> None:
         if beta <= 0:

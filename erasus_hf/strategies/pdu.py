@@ -62,6 +62,7 @@ class PDU(Strategy):
 
     name = "pdu"
     paper = "https://arxiv.org/abs/2506.05314"
+    token_level = True  # the logit-margin forget loss; the "ga" and "npo" forget terms are sequence-level
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class PDU(Strategy):
         if forget_objective not in FORGET_OBJECTIVES:
             raise ValueError(f"PDU forget_objective must be one of {FORGET_OBJECTIVES}, got {forget_objective!r}")
         self.forget_objective = forget_objective
+        self.token_level = forget_objective == "logit_margin"
         self.epsilon = float(epsilon)
         self.eta = eta
         self.initial_lambda = initial_lambda

@@ -30,6 +30,7 @@ class SCRUB(Strategy):
     name = "scrub"
     paper = "https://arxiv.org/abs/2302.09880"
     needs_reference = frozenset({"scores"})
+    token_level = True
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.001, gamma: float = 0.99, max_epochs: int = 1):
         if temperature <= 0:

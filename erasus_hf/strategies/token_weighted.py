@@ -65,6 +65,7 @@ class WGA(Strategy):
 
     name = "wga"
     paper = "https://arxiv.org/abs/2502.19301"
+    token_level = True
 
     def __init__(self, beta: float = 1.0) -> None:
         if beta < 0:
@@ -137,6 +138,7 @@ class UNDIAL(Strategy):
     name = "undial"
     paper = "https://arxiv.org/abs/2402.10052"
     needs_reference = frozenset({"scores"})
+    token_level = True
 
     def __init__(self, beta: float = 10.0) -> None:
         if beta < 0:
@@ -175,6 +177,7 @@ class CEU(Strategy):
 
     name = "ce_u"
     paper = "https://arxiv.org/abs/2503.01224"
+    token_level = True
 
     def __init__(self, ignore_first_token: bool = True) -> None:
         self.ignore_first_token = bool(ignore_first_token)

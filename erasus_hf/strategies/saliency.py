@@ -1,0 +1,85 @@
+"""Weight-saliency masks (SalUn) and updates restricted to them, for any model family.
+
+A strategy that trains only the salient weights builds its mask once before training (`setup(trainer)`, from the
+gradient of its forget loss) and calls `MaskedUpdates.install_masks`; the trainer calls `teardown()` after training.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+
+def saliency_masks(gradients: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """1 where |g| is among the top `fraction` of all gradient entries (one global ranking), else 0."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"The saliency fraction must be in (0, 1], got {fraction}")
+    flat = torch.cat([g.detach().abs().flatten().cpu() for g in gradients.values()])
+    keep = int(round(len(flat) * fraction))
+    selected = torch.zeros(len(flat), dtype=torch.bool)
+    selected[torch.argsort(flat, descending=True, stable=True)[:keep]] = True
+    masks, start = {}, 0
+    for name, g in gradients.items():
+        masks[name] = selected[start : start + g.numel()].view(g.shape).to(device=g.device, dtype=g.dtype)
+        start += g.numel()
+    return masks
+
+
+def kept_fraction(masks: dict[str, torch.Tensor]) -> float:
+    """The fraction of mask entries that are 1."""
+    return sum(float(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+class _RestoreMaskedOut(TrainerCallback):
+    """After every optimizer step, put the masked-out entries back to their values at mask time."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+        self.frozen = {}
+        for name, mask in masks.items():
+            outside = mask == 0
+            if outside.any():
+                self.frozen[name] = (params[name], outside, params[name].detach()[outside].clone())
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for param, outside, values in self.frozen.values():
+            param.data[outside] = values
+
+
+class MaskedUpdates:
+    """Mixin: train only where a mask is 1.
+
+    `install_masks` (i) multiplies every gradient by its mask with a tensor hook, so the masked-out entries get a zero
+    gradient and gradient clipping sees the masked gradient (SalUn's `param.grad *= mask`), and (ii) restores the
+    masked-out entries after every optimizer step. The restore is what keeps them exactly fixed under optimizers that
+    move weights with a zero gradient: AdamW's decoupled weight decay (theta <- theta - lr * wd * theta, applied to
+    every parameter with a gradient), SGD's coupled weight decay (added to the gradient after the hook) and momentum
+    carried from earlier steps. The values are stored once when the mask is built (a copy of the masked-out entries).
+    """
+
+    masks: dict[str, torch.Tensor]
+    _hooks: list
+    _restore: _RestoreMaskedOut | None = None
+    _trainer = None
+
+    def install_masks(self, trainer, masks: dict[str, torch.Tensor]) -> float:
+        """Restrict `trainer.model`'s updates to `masks` (parameter name -> 0/1 tensor); return the kept fraction."""
+        self.teardown()
+        params = dict(trainer.model.named_parameters())
+        unknown = sorted(set(masks) - set(params))
+        if unknown:
+            raise ValueError(f"Saliency masks for parameters the model does not have: {unknown[:5]}")
+        self.masks = masks
+        self._hooks = [params[name].register_hook(lambda grad, m=mask: grad * m) for name, mask in masks.items()]
+        self._restore = _RestoreMaskedOut(params, masks)
+        self._trainer = trainer
+        trainer.add_callback(self._restore)
+        return kept_fraction(masks)
+
+    def teardown(self) -> None:
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks = []
+        if self._restore is not None and self._trainer is not None:
+            self._trainer.remove_callback(self._restore)
+        self._restore, self._trainer = None, None
