@@ -29,37 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from datasets import Audio, Dataset, load_dataset, load_from_disk
+from datasets import Dataset
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from erasus_hf import UnlearningConfig, UnlearningTrainer
+from erasus_hf.data.speech import at_sampling_rate, load_rows, split_by_words, waveform
 from erasus_hf.objectives import Seq2SeqObjective, SpeechSeq2SeqCollator
-
-
-def load_rows(dataset: str, config: str | None = None, split: str = "train") -> Dataset:
-    """A folder written by `save_to_disk` (a `Dataset`, or a `DatasetDict` read at `split`), or a Hub dataset."""
-    if os.path.isdir(dataset):
-        loaded = load_from_disk(dataset)
-        return loaded[split] if not isinstance(loaded, Dataset) else loaded
-    return load_dataset(dataset, config, split=split)
-
-
-def split_by_words(dataset: Dataset, words: Sequence[str], text_column: str = "text") -> tuple[Dataset, Dataset]:
-    """(forget, retain): the rows whose transcript contains one of `words` as a whole word, and the others."""
-    if not words:
-        raise ValueError("Give at least one word to forget.")
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w.lower()) for w in words) + r")\b")
-    hits = [bool(pattern.search(text.lower())) for text in dataset[text_column]]
-    forget = dataset.select([i for i, hit in enumerate(hits) if hit])
-    retain = dataset.select([i for i, hit in enumerate(hits) if not hit])
-    if len(forget) == 0:
-        raise ValueError(f"No transcript in column {text_column!r} contains any of {list(words)}.")
-    return forget, retain
 
 
 def featurize(
@@ -78,11 +56,10 @@ def featurize(
             f"The tokenizer's first prefix token {prefix[0]} is not the model's decoder_start_token_id "
             f"{model.config.decoder_start_token_id}: the processor does not belong to this model."
         )
-    if isinstance(dataset.features[audio_column], Audio):
-        dataset = dataset.cast_column(audio_column, Audio(sampling_rate=extractor.sampling_rate))
+    dataset = at_sampling_rate(dataset, audio_column, extractor.sampling_rate)
 
     def prepare(audio, text: str) -> dict:
-        array = np.asarray(audio if isinstance(audio, (list, np.ndarray)) else audio["array"], dtype=np.float32)
+        array = waveform(audio)
         features = extractor(array, sampling_rate=extractor.sampling_rate, return_tensors="np").input_features[0]
         ids = tokenizer(text).input_ids[: model.config.max_target_positions + 1]
         labels = [-100] * (len(prefix) - 1) + ids[len(prefix) :]

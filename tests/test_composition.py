@@ -52,6 +52,12 @@ def test_ensemble_needs_what_its_members_need():
         get_strategy("ensemble")
 
 
+@pytest.mark.parametrize("member", ["ssd", "salun", "bad_teacher", "l1_sparse", "task_vector"])
+def test_ensemble_refuses_one_shot_and_stateful_members(member):
+    with pytest.raises(ValueError, match=f"'{member}'.*StrategyPipeline"):
+        EnsembleStrategy([("grad_diff", 1.0), (member, 1.0)])
+
+
 def test_ensemble_trains_through_the_trainer_by_name(tmp_path, tokenizer, tiny_llama, tofu_slice):
     forget, retain = (qa(d) for d in tofu_slice)
     args = config(

@@ -45,6 +45,12 @@ class EnsembleStrategy(Strategy):
         names = [s.name for s, _ in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"Ensemble members must be distinct strategies, got {names}")
+        stateful = [s.name for s, _ in self.members if getattr(s, "one_shot", False) or hasattr(s, "setup")]
+        if stateful:
+            raise ValueError(
+                f"Ensemble members add per-step losses; {stateful} are one-shot edits or build state before training "
+                "(a saliency mask, a teacher, a schedule): run them alone or as StrategyPipeline stages."
+            )
         self.needs_reference = frozenset().union(*(s.needs_reference for s, _ in self.members))
         self.uses_retain = any(s.uses_retain for s, _ in self.members)
         self.token_level = any(s.token_level for s, _ in self.members)

@@ -69,12 +69,6 @@ class FisherForgetting(Strategy):
     def needs_retain(self, retain_loss_name: str) -> bool:
         return True
 
-    def compute_loss(self, ctx, forget, retain):
-        raise TypeError(
-            f"{self.name!r} is a one-shot edit (apply) with no training loss; run it with UnlearningTrainer.train() "
-            "or as a StrategyPipeline stage, not inside an ensemble."
-        )
-
     def apply(self, trainer) -> dict[str, float]:
         if trainer.train_dataset.retain is None:
             raise ValueError("Fisher forgetting needs the retain set: the Fisher information is computed on it.")

@@ -65,12 +65,6 @@ class SSD(Strategy):
     def needs_retain(self, retain_loss_name: str) -> bool:
         return True
 
-    def compute_loss(self, ctx, forget, retain):
-        raise TypeError(
-            f"{self.name!r} is a one-shot edit (apply) with no training loss; run it with UnlearningTrainer.train() "
-            "or as a StrategyPipeline stage, not inside an ensemble."
-        )
-
     def apply(self, trainer) -> dict[str, float]:
         model, objective = trainer.model, trainer.objective
         data, batch_size = trainer.train_dataset, trainer.args.per_device_train_batch_size
