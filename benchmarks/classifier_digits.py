@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PrinterCallback
 
+from benchmarks import RESULTS, write_report
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.evaluation.classification import accuracy, class_probabilities, mia_efficacy
 
-RESULTS = Path(__file__).parent / "results"
 SCENARIOS = ("class", "random")
 METRICS = ("UA", "RA", "TA", "MIA")
 
@@ -191,21 +189,11 @@ def unlearning_trainer(
     return trainer
 
 
-def unlearn(
-    original: nn.Module,
-    method: str,
-    digits: Digits,
-    forget: torch.Tensor,
-    retain: torch.Tensor,
-    epochs: int = 10,
-    batch_size: int = 32,
-    settings: dict | None = None,
-    seed: int = 0,
-) -> tuple[nn.Module, float]:
-    """Run `method` on a copy of `original` (see `unlearning_trainer`); return the unlearned model and the seconds it
-    took, trainer set-up included."""
+def unlearn(*args, **kwargs) -> tuple[nn.Module, float]:
+    """Run `unlearning_trainer(*args, **kwargs)`; return the unlearned model and the seconds it took, trainer set-up
+    included."""
     start = time.perf_counter()
-    trainer = unlearning_trainer(original, method, digits, forget, retain, epochs, batch_size, settings, seed)
+    trainer = unlearning_trainer(*args, **kwargs)
     trainer.train()
     return trainer.model.eval(), time.perf_counter() - start
 
@@ -342,10 +330,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = run(Preset(seed=args.seed, unlearn_epochs=args.unlearn_epochs), args.scenarios, args.methods)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.output}.json").write_text(json.dumps(report, indent=2))
-    Path(f"{args.output}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.output, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ What each strategy gets (forget = the erased digit):
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS, write_report
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.diffusion.evaluation import ConceptErasureEvaluator, unet_generator
 from erasus_hf.diffusion.modeling import (
@@ -41,7 +40,6 @@ from erasus_hf.diffusion.modeling import (
     train_digit_model,
 )
 
-RESULTS = Path(__file__).parent / "results"
 STRATEGIES = ("esd", "uce", "concept_ablation", "diffusion_salun")
 
 
@@ -238,10 +236,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(PRESETS[args.preset], args.strategies, name=args.preset)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.output}.json").write_text(json.dumps(report, indent=2))
-    Path(f"{args.output}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.output, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,16 @@ from transformers import PreTrainedTokenizerBase
 
 from .formatting import PROMPT_TEMPLATE, format_completion, format_prompt
 
-PASSTHROUGH_KEYS = ("index", "slot")
+PASSTHROUGH_KEYS = ("index", "slot")  # the pairing dataset's bookkeeping, carried through every side collator
+NOT_MODEL_INPUTS = ("labels", "alternate", *PASSTHROUGH_KEYS)  # targets and bookkeeping: never passed to a model
+
+
+def with_passthrough(examples: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` with the examples' `index`/`slot` (when they carry them) as long tensors."""
+    for key in PASSTHROUGH_KEYS:
+        if key in examples[0]:
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+    return batch
 
 
 class QACollator:
@@ -75,10 +84,7 @@ class QACollator:
             batch["attention_mask"].append(padded([1] * n, 0))
             batch["labels"].append(padded(t["labels"], -100))
             batch["position_ids"].append(padded(list(range(n)), 0))
-        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-        for key in PASSTHROUGH_KEYS:
-            if key in examples[0]:
-                out[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+        out = with_passthrough(examples, {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()})
         if examples[0].get("alternate") is not None:
             out["alternate"] = self([e["alternate"] for e in examples])
         return out

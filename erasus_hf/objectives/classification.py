@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.collator import NOT_MODEL_INPUTS
 from .base import Objective, Scores, token_logprobs_from_logits
-
-_NOT_MODEL_INPUTS = ("labels", "index", "slot", "alternate")
 
 
 class ClassificationObjective(Objective):
@@ -17,7 +16,7 @@ class ClassificationObjective(Objective):
     name = "classification"
 
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
         if hidden_layer is not None:
             inputs["output_hidden_states"] = True
         outputs = model(**inputs)

@@ -58,10 +58,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.collator import NOT_MODEL_INPUTS, with_passthrough
 from .base import Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 
 TEXT_KEYS = ("input_ids", "attention_mask")
-BOOKKEEPING_KEYS = ("labels", "index", "slot", "alternate")
 UNSUPPORTED_TEXT_KEYS = ("token_type_ids", "position_ids")
 MEDIA_KEYS = ("pixel_values", "input_features", "is_longer")  # CLIP/X-CLIP pixels, CLAP's mel features and flags
 MEDIA_LOGITS = ("logits_per_image", "logits_per_video", "logits_per_audio")
@@ -137,10 +137,7 @@ class ContrastiveCollator:
             batch[key] = torch.stack([torch.as_tensor(e[key]) for e in examples])
         *_, index = caption_groups(batch["input_ids"], batch["attention_mask"])
         batch["labels"] = index[:, None].repeat(1, 2)
-        for key in ("index", "slot"):
-            if key in first:
-                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
-        return batch
+        return with_passthrough(examples, batch)
 
 
 @register_objective
@@ -235,7 +232,7 @@ class ContrastiveObjective(Objective):
         unsupported = [k for k in UNSUPPORTED_TEXT_KEYS if k in batch]
         if unsupported:
             raise ValueError(f"The contrastive objective pads and deduplicates captions itself; drop {unsupported}.")
-        media = {k: v for k, v in batch.items() if k not in TEXT_KEYS + BOOKKEEPING_KEYS}
+        media = {k: v for k, v in batch.items() if k not in TEXT_KEYS + NOT_MODEL_INPUTS}
         if not media:
             raise ValueError(f"A contrastive batch needs media inputs (e.g. {MEDIA_KEYS}); got keys {sorted(batch)}.")
         ids, mask, index = self.candidates(batch)

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING_NAMES
 
-from ..data.collator import PASSTHROUGH_KEYS
+from ..data.collator import with_passthrough
 from .base import Objective, Scores, register_objective, unwrap_model
 
 
@@ -121,8 +121,4 @@ class AudioCollator:
             labels = torch.tensor([r + [-100] * (length - len(r)) for r in rows], dtype=torch.long)
         else:
             labels = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
-        out = {"input_values": values, "attention_mask": attention_mask, "labels": labels}
-        for key in PASSTHROUGH_KEYS:
-            if key in first:
-                out[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
-        return out
+        return with_passthrough(examples, {"input_values": values, "attention_mask": attention_mask, "labels": labels})

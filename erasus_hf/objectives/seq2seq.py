@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
 )
 
-from ..data.collator import PASSTHROUGH_KEYS
+from ..data.collator import NOT_MODEL_INPUTS, with_passthrough
 from .base import Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 
 SEQ2SEQ_LM_CLASSES = frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()) | frozenset(
@@ -30,7 +30,7 @@ audio LMs; `is_seq2seq_lm` also asks for `config.is_encoder_decoder`)."""
 
 # batch keys that are not passed on as they are: targets, decoder inputs (built below), bookkeeping of the pairing
 # dataset, DPO-style alternates
-_NOT_ENCODER_INPUTS = ("labels", "decoder_input_ids", "alternate", *PASSTHROUGH_KEYS)
+_NOT_ENCODER_INPUTS = ("decoder_input_ids", *NOT_MODEL_INPUTS)
 
 
 def is_seq2seq_lm(model: nn.Module) -> bool:
@@ -125,13 +125,6 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def _passthrough(examples: Sequence[dict[str, Any]], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for key in PASSTHROUGH_KEYS:
-        if key in examples[0]:
-            out[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
-    return out
-
-
 class Seq2SeqQACollator:
     """Question/answer text rows for an encoder-decoder model.
 
@@ -177,7 +170,7 @@ class Seq2SeqQACollator:
             "attention_mask": _pad([[1] * len(i) for i in ids], 0),
             "labels": _pad([t["labels"] for t in tokenized], -100),
         }
-        return _passthrough(examples, out)
+        return with_passthrough(examples, out)
 
 
 class SpeechSeq2SeqCollator:
@@ -214,4 +207,4 @@ class SpeechSeq2SeqCollator:
             out["decoder_input_ids"] = _pad(decoder_ids, self.pad_token_id)
         if "attention_mask" in first:
             out["attention_mask"] = torch.stack([torch.as_tensor(e["attention_mask"]) for e in examples])
-        return _passthrough(examples, out)
+        return with_passthrough(examples, out)

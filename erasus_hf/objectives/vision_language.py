@@ -29,12 +29,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from ..data.collator import PASSTHROUGH_KEYS
+from ..data.collator import NOT_MODEL_INPUTS, PASSTHROUGH_KEYS, with_passthrough
 from ..data.formatting import format_completion
 from .base import Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 
 # Keys of a batch that are not model inputs (the labels and the trainer's bookkeeping).
-_NOT_MODEL_INPUTS = ("labels", "alternate", *PASSTHROUGH_KEYS)
 
 # Per-row tensors indexed by text position ([T, ...]): padded along the text, not stacked as image data.
 TEXT_ALIGNED_KEYS = ("image_attention_mask", "cross_attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -133,7 +132,7 @@ class VisionLanguageObjective(Objective):
             raise ValueError(
                 f"A vision_language batch needs input_ids and labels (and the image inputs); got {sorted(batch)}."
             )
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
         base = unwrap_model(model)
         if type(base).__name__ == "BlipForConditionalGeneration":
             # BLIP's text decoder starts from its [DEC] token: `generate` overwrites the processor's [CLS] with it
@@ -298,7 +297,7 @@ class VisionLanguageCollator:
 
     def _arrays(self, row: dict[str, Any], skip: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
         """A pre-tokenized row's model inputs, split into text-aligned ones and per-row arrays."""
-        ignore = {*skip, *_NOT_MODEL_INPUTS, self.image_key, self.question_key, self.answer_key}
+        ignore = {*skip, *NOT_MODEL_INPUTS, self.image_key, self.question_key, self.answer_key}
         text, arrays = {}, {}
         for key, value in row.items():
             if key in ignore or value is None:
@@ -387,9 +386,7 @@ class VisionLanguageCollator:
                     batch[key] = self._pad_text(values, width)
                 else:
                     batch[key] = self._join(key, values, concatenate=encoded[0].batched)
-        for key in PASSTHROUGH_KEYS:
-            if key in rows[0]:
-                batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.long)
+        with_passthrough(rows, batch)
         if rows[0].get("alternate") is not None:
             alternates = []
             for row in rows:
