@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -27,7 +31,8 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import HubStrategy, SaveStrategy, TrainOutput
+from transformers.utils.hub import PushInProgress
 
 from .config import UnlearningConfig
 from .data.collator import NestedCollator, QACollator, default_side_collator
@@ -296,6 +301,7 @@ class UnlearningTrainer(Trainer):
             forget_weight=self.args.forget_weight,
             retain_weight=self.args.retain_weight,
             retain_loss=self.args.retain_loss,
+            retain_kl_positions=self.args.retain_kl_positions,
             global_step=self.state.global_step,
             epoch=self.state.epoch or 0.0,
             training=model.training,
@@ -392,42 +398,152 @@ class UnlearningTrainer(Trainer):
         )
         write_model_card(card, self.args.output_dir)
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the model repo `args.hub_model_id` (default: the output folder's name) as `Trainer.init_hf_repo`
+        does (at construction with `args.push_to_hub`), through `erasus_hf.hub.push`: an `HfApi` at the current
+        endpoint, errors explained, the token scrubbed.
+
+        With `args.push_to_hub`, hub_strategy "checkpoint" and "all_checkpoints" are refused: they upload the
+        resumable checkpoint folders (optimizer, scheduler and RNG states, pickled), and erasus_hf never uploads a
+        checkpoint (see `_push_from_checkpoint`)."""
+        from .hub.push import create_model_repo
+
+        if self.args.push_to_hub and self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            raise ValueError(
+                f"hub_strategy={self.args.hub_strategy.value!r} uploads the training checkpoints (optimizer, "
+                "scheduler and RNG states, pickled); erasus_hf never uploads a checkpoint. Use "
+                "hub_strategy='every_save' (the weights at each save) or 'end' (only the final push_to_hub), and "
+                "resume from the local checkpoint-* folders."
+            )
+        self.push_in_progress = None
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = create_model_repo(
+            self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            private=self.args.hub_private_repo if private is None else private,
+            token=self.args.hub_token if token is None else token,
+        )
+
     def push_to_hub(
         self,
         commit_message: str | None = None,
-        *,
-        repo_id: str | None = None,
-        private: bool | None = None,
+        blocking: bool = True,
         token: str | None = None,
         revision: str | None = None,
+        private: bool | None = None,
+        *,
+        repo_id: str | None = None,
         evaluation: EvaluationResult | None = None,
         **card_kwargs: Any,
-    ) -> str | None:
+    ) -> str | Future | None:
         """Save the weights (safetensors), the evaluation JSON and the model card to `output_dir`, then upload the
-        folder's shippable files to `repo_id` (default: `args.hub_model_id`); return the commit URL (None on the
-        other processes). Checkpoints, optimizer and RNG states are never uploaded."""
-        from .hub.push import push_output
+        folder's shippable files in one commit to `repo_id` (default: the repo `args.push_to_hub` created, else
+        `args.hub_model_id`) on `revision` (default: `args.hub_revision`, else main). Return the commit URL, or with
+        `blocking=False` a `Future` of it (the folder is validated first); None on the other processes (only the
+        main process pushes, as with the Trainer).
 
-        self.save_model()
+        `Trainer.push_to_hub`'s arguments, in its order (`private` applies only when the repo is created);
+        `card_kwargs` go to `create_model_card`. An in-flight checkpoint push is waited for first, so the final
+        commit lands last. Checkpoints, optimizer and RNG states are never uploaded."""
+        from .hub.push import files_to_push, push_output
+
+        repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
+        if not repo_id and not self.args.push_to_hub:  # with the flag, init_hf_repo named it (on process zero)
+            raise ValueError("push_to_hub needs a repo_id (or args.hub_model_id).")
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)  # not save_model(): with args.push_to_hub it pushes, i.e. calls us
         evaluation = evaluation if evaluation is not None else self.last_evaluation
         self.create_model_card(evaluation=evaluation, **card_kwargs)
-        if not self.args.should_save:
-            return None
-        if evaluation is not None:
+        if evaluation is not None and self.args.should_save:
             evaluation.save(os.path.join(self.args.output_dir, "eval.json"))
-        repo_id = repo_id or self.args.hub_model_id
-        if not repo_id:
-            raise ValueError("push_to_hub needs a repo_id (or args.hub_model_id).")
-        return push_output(
+        if not self.is_world_process_zero():
+            return None
+        push = functools.partial(
+            push_output,
             self.args.output_dir,
             repo_id,
             private=self.args.hub_private_repo if private is None else private,
             token=token or self.args.hub_token,
             commit_message=commit_message,
-            revision=revision,
+            revision=revision if revision is not None else self.args.hub_revision,
         )
+        self._finish_current_push()
+        if blocking:
+            return push()
+        files_to_push(self.args.output_dir)  # a bad folder is refused here, not in the background
+        return self._push_in_background(push)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a checkpoint save's weights to the repo root, as `Trainer._push_from_checkpoint` does with
+        `args.push_to_hub` and hub_strategy "every_save" ("end" pushes nothing here): in the background, commit
+        "Training in progress, step N" (epoch N), a save skipped while the previous push is in flight unless
+        `hub_always_push`.
+
+        Unlike the Trainer, only what `files_to_push` ships from the checkpoint folder goes up (weights, configs,
+        tokenizer, unlearning config): never the checkpoint folder (no `last-checkpoint/`, see `init_hf_repo`),
+        the optimizer, scheduler, RNG or trainer state, nor `training_args.bin` (the Trainer writes it to
+        `output_dir` and uploads it), nor a card: ours comes with the final `push_to_hub`, with the evaluation.
+        The files are hard-linked (copied where links fail) into a private `_hub_push-*` folder of `output_dir`
+        first, so rotating the checkpoint away (`save_total_limit`) cannot pull them from under the upload; the
+        folder is removed when the push ends. A failed push is logged and training goes on."""
+        from .hub.push import files_to_push, push_output
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        names = files_to_push(checkpoint_folder, card=False)
+        staging = tempfile.mkdtemp(prefix="_hub_push-", dir=self.args.output_dir)
+        for name in names:
+            source, target = os.path.join(checkpoint_folder, name), os.path.join(staging, name)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            message = f"Training in progress, step {self.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(self.state.epoch)}"
+        repo_id, token, revision = self.hub_model_id, self.args.hub_token, self.args.hub_revision
+
+        def push() -> str:
+            try:
+                return push_output(
+                    staging, repo_id, token=token, commit_message=message, revision=revision, card=False
+                )
+            except Exception as err:
+                logger.warning("%s: pushing to %s failed (training goes on): %s", message, repo_id, err)
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        self._push_in_background(push)
+
+    def _push_in_background(self, push: Callable[[], str]) -> Future:
+        """Run `push` on the trainer's one upload thread (pushes land in order) and track it as the Trainer tracks
+        its own (`push_in_progress`), so `train()` and `push_to_hub()` wait for it (`_finish_current_push`)."""
+        if getattr(self, "_hub_pool", None) is None:
+            self._hub_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="erasus-hub-push")
+        job = self._hub_pool.submit(push)
+        if getattr(self, "push_in_progress", None) is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
+        return job
 
     # ---- saving ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` (the files: see `_save`). With `args.push_to_hub`, a user's call (the Trainer's own
+        saves pass `_internal_call=True`) then pushes, commit "Model save", as the Trainer does: through
+        `push_to_hub`, which saves `output_dir` itself, so the weights are written once, not twice."""
+        push = self.args.push_to_hub and not _internal_call
+        into_output_dir = output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)
+        if not (push and into_output_dir):
+            super().save_model(output_dir, _internal_call=True)
+        if push:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write safetensors only: the adapter alone (not the reference snapshot), the merged model when

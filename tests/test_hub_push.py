@@ -170,7 +170,11 @@ def test_trainer_state_tolerated_but_not_shipped(tmp_path):
     folder = fake_adapter(tmp_path / "out")
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_1.pth", "training_args.bin"):
         (folder / name).write_bytes(b"pickle")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
     assert files_to_push(str(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    (folder / "README.md").write_text("# a checkpoint's card\n")
+    assert files_to_push(str(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert files_to_push(str(folder), card=False) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_transient_commit_500_is_retried_by_the_client(hub, tmp_path, backoff_sleeps):

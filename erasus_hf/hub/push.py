@@ -3,8 +3,8 @@
 Only what a user of the model needs is shipped, from the top level of the folder: safetensors weights (the LoRA
 adapter or the full model, sharded or not), the JSON configs (model, adapter, generation, tokenizer, unlearning
 config, strategy, the `eval.json` evaluation), the tokenizer files and the README.md model card. Pickles are refused
-(they run code when loaded); the trainer's own state (optimizer, scheduler, RNG, training arguments) and every
-subfolder (`checkpoint-*/`, `runs/`) stay local. The local folder is only read, never modified.
+(they run code when loaded); the trainer's own state (optimizer, scheduler, RNG, training arguments, trainer state)
+and every subfolder (`checkpoint-*/`, `runs/`) stay local. The local folder is only read, never modified.
 """
 
 from __future__ import annotations
@@ -39,12 +39,20 @@ SHIP_PATTERNS = (
     "vocab.txt",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# The Trainer's own state, pickled by design: tolerated in the folder, never shipped.
-TRAINING_STATE_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin")
+# The Trainer's own state (pickled by design, but trainer_state.json): tolerated in the folder, never shipped.
+TRAINING_STATE_PATTERNS = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "training_args.bin",
+    "trainer_state.json",
+)
 
 
-def files_to_push(output_dir: str) -> list[str]:
-    """Validate `output_dir` and return the top-level file names `push_output` ships, sorted.
+def files_to_push(output_dir: str, *, card: bool = True) -> list[str]:
+    """Validate `output_dir` and return the top-level file names `push_output` ships, sorted; `card=False` leaves
+    README.md out (a checkpoint folder's README.md is PEFT's generic card, not ours).
 
     Raises ValueError (FileNotFoundError for a missing folder) when the folder holds pickled files other than the
     trainer's state, no safetensors weights, an adapter without `adapter_config.json`, shards without their index or
@@ -83,7 +91,13 @@ def files_to_push(output_dir: str) -> list[str]:
             f"{MODEL_WEIGHTS}, or model-*.safetensors shards with {SHARD_INDEX}. Found: {names}."
         )
 
-    ship = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in SHIP_PATTERNS)]
+    ship = [
+        n
+        for n in names
+        if any(fnmatch.fnmatchcase(n, p) for p in SHIP_PATTERNS)
+        and not training_state(n)
+        and (card or n != "README.md")
+    ]
     for name in ship:
         path = os.path.join(output_dir, name)
         try:
@@ -95,7 +109,7 @@ def files_to_push(output_dir: str) -> list[str]:
                     json.load(f)
         except (SafetensorError, ValueError) as err:
             raise ValueError(f"{name} in {output_dir!r} is not readable ({err}); refusing to push it.") from err
-    if "README.md" not in ship:
+    if card and "README.md" not in ship:
         logger.warning(
             "No README.md model card in %s: the Hub page will be empty (erasus_hf.hub.write_model_card writes one).",
             output_dir,
@@ -115,16 +129,17 @@ def push_output(
     commit_message: str | None = None,
     revision: str | None = None,
     endpoint: str | None = None,
+    card: bool = True,
 ) -> str:
-    """Push the shippable files of an unlearning output folder (see `files_to_push`) to the model repo `repo_id`,
-    creating the repo (`private` applies only then) and, for a `revision` other than main, the branch; return the
-    commit URL.
+    """Push the shippable files of an unlearning output folder (see `files_to_push`; `card=False` leaves README.md
+    out) to the model repo `repo_id`, creating the repo (`private` applies only then) and, for a `revision` other
+    than main, the branch; return the commit URL.
 
     `token` defaults to the saved login or `HF_TOKEN`; `endpoint` to `HF_ENDPOINT` or huggingface.co. The folder is
     validated before any request. A Hub error (`HfHubHTTPError`) propagates with the repo named and a note that the
     local folder is untouched; the token is never logged, written or put in a message.
     """
-    files = files_to_push(output_dir)
+    files = files_to_push(output_dir, card=card)
     if token and commit_message and token in commit_message:
         raise ValueError("The commit message contains the Hub token; refusing to publish it.")
     kind = "LoRA adapter" if ADAPTER_WEIGHTS in files else "model"
@@ -143,13 +158,31 @@ def push_output(
             allow_patterns=[glob.escape(name) for name in files],  # exactly the validated top-level files
         )
     except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else "?"
-        err.append_to_message(
-            f"\n\nPushing {output_dir!r} to the Hub model repo {repo_id!r} failed (HTTP {status}). The local folder "
-            "was not modified; run the push again to retry."
-        )
-        if token:  # belt and braces: no message we raise carries the token, even if a server echoed it
-            err.args = tuple(a.replace(token, "<token>") if isinstance(a, str) else a for a in err.args)
+        explain(err, f"Pushing {output_dir!r} to the Hub model repo {repo_id!r}", token)
         raise
     logger.info("Pushed %s to %s", output_dir, info.commit_url)
     return info.commit_url
+
+
+def create_model_repo(
+    repo_id: str, *, private: bool | None = None, token: str | None = None, endpoint: str | None = None
+) -> str:
+    """Create the model repo `repo_id` if it does not exist (`private` applies only then) and return its full id
+    (`namespace/name`: the Hub adds the token's user to a bare name). Token and endpoint default as in
+    `push_output`; errors are explained the same way."""
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        return api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    except HfHubHTTPError as err:
+        explain(err, f"Creating the Hub model repo {repo_id!r}", token)
+        raise
+
+
+def explain(err: HfHubHTTPError, what: str, token: str | None) -> None:
+    """Add what failed and that nothing local changed to a Hub error, and scrub the token from its message."""
+    status = err.response.status_code if err.response is not None else "?"
+    err.append_to_message(
+        f"\n\n{what} failed (HTTP {status}). The local folder was not modified; run the push again to retry."
+    )
+    if token:  # belt and braces: no message we raise carries the token, even if a server echoed it
+        err.args = tuple(a.replace(token, "<token>") if isinstance(a, str) else a for a in err.args)
