@@ -80,11 +80,15 @@ class PromptCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length or tokenizer.model_max_length
 
-    def tokenize_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        # (not named `tokenize`: the trainer pre-tokenizes rows with a collator's `tokenize`; prompts stay text)
+    def encode_text(self, prompts: Sequence[str]) -> Any:
+        """The tokenizer's full output for `prompts` (`input_ids` and, for most tokenizers, `attention_mask`)."""
         return self.tokenizer(
             list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        )
+
+    def tokenize_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        # (not named `tokenize`: the trainer pre-tokenizes rows with a collator's `tokenize`; prompts stay text)
+        return self.encode_text(prompts).input_ids
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "prompt" not in examples[0]:

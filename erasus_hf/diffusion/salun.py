@@ -20,9 +20,12 @@ class DiffusionSalUn(MaskedUpdates, DiffusionStrategy):
 
     1. Saliency mask, once before training: g = sum over the forget set of grad_theta ell_f, with ell_f =
        -MSE(eps, (1 + w) eps_theta(x_t, c_f) - w eps_theta(x_t, "")) (the released code's guided forget loss,
-       w = `mask_guidance`); m = 1 on the top `mask_fraction` of |g| over all trained parameters (one global
-       ranking), 0 elsewhere. (The paper keeps the most salient weights; the released SD script's ascending sort
-       keeps the least salient ones, which we read as a bug.)
+       w = `mask_guidance`, the MSE a mean over all elements); m = 1 on the top `mask_fraction` of |g| over all
+       trained parameters (one global ranking), 0 elsewhere. The released SD script (`SD/train-scripts/
+       generate_mask.py`) does the same: it sums the signed gradients over the forget batches, takes |g|, sorts -|g|
+       ascending and keeps the first half, i.e. the most salient weights, as in the paper. (Its first release, October
+       2023, sorted |g| itself ascending and so kept the least salient half; fixed upstream in commit b874ee9,
+       December 2023.)
     2. Unlearning: L = E || eps_theta(x_t, c_f) - sg(eps_theta(x_t, c')) ||^2 + alpha L_denoise(retain), x_t the
        same noisy forget image under both prompts and c' != c_f a pseudo prompt: the retain partner's prompt (a
        random other concept, SalUn's random labelling) or one of `pseudo_prompts` drawn at random. Gradients are

@@ -41,19 +41,43 @@ def uce_edit(
     return (numerator @ torch.linalg.inv(denominator)).to(weight.dtype)
 
 
+def last_token_positions(objective: DiffusionObjective, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], positions [B]): each prompt's padded token ids and the position of its last token before
+    EOS, `attention_mask.sum() - 2` as in the authors' `uce_sd_erase.py` (BOS, the prompt, EOS, then padding).
+
+    The attention mask, not `ids != pad_token_id`: Stable Diffusion 1.x's CLIP tokenizer pads with its EOS token, so
+    counting non-pad ids also drops the EOS and lands one token early (on BOS for a one-word concept). The empty
+    prompt gives position 0, its BOS, as in the authors' code (the guide "" of an erasure).
+    """
+    tokens = objective.collator.encode_text(prompts)
+    if "attention_mask" not in tokens:
+        raise ValueError(
+            f"UCE finds each concept's last token from the tokenizer's attention mask, but "
+            f"{type(objective.tokenizer).__name__} returned none; use a tokenizer with return_attention_mask=True."
+        )
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    positions = mask.sum(1) - 2
+    eos = objective.tokenizer.eos_token_id
+    after = ids.gather(1, (positions + 1).clamp(min=0)[:, None])[:, 0]  # the token after the last one: EOS
+    if (positions < 0).any() or (eos is not None and (after != eos).any()):
+        raise ValueError(
+            "UCE expects prompts tokenized as BOS, tokens, EOS (as CLIP's tokenizer does); the token after the "
+            "concept's last one is not the tokenizer's eos_token. Use the text encoder's own (CLIP) tokenizer."
+        )
+    return ids, positions
+
+
 def concept_token_embeddings(
-    objective: DiffusionObjective, prompts: Sequence[str], window: str, device: torch.device
+    objective: DiffusionObjective, prompts: Sequence[str], window: str, device: torch.device | str
 ) -> list[torch.Tensor]:
-    """For each prompt, the text-encoder embeddings UCE edits with: the prompt's last token ("last"), or its last
-    token and every position after it up to the padded length ("last_to_end": the EOS and padding positions also
-    carry the concept through the causal text encoder, as in the authors' released code)."""
-    ids = objective.collator.tokenize_prompts(prompts).to(device)
-    embeddings = objective.encode_prompts(ids)
-    attention = ids != objective.tokenizer.pad_token_id
+    """For each prompt, the text-encoder embeddings UCE edits with: its last token before EOS ("last", see
+    `last_token_positions`), or that token and every position after it up to the padded length ("last_to_end": the
+    EOS and padding positions also carry the concept through the causal text encoder, as in the authors' first
+    release, `train_erase.py`)."""
+    ids, positions = last_token_positions(objective, prompts)
+    embeddings = objective.encode_prompts(ids.to(device))
     out = []
-    for row, mask in zip(embeddings, attention):
-        last = int(mask.sum()) - 2  # the token before EOS
-        last = max(last, 0)
+    for row, last in zip(embeddings, positions.tolist(), strict=True):
         out.append(row[last : last + 1] if window == "last" else row[last:])
     return out
 
@@ -83,10 +107,14 @@ class UCE(DiffusionStrategy):
     without them). The inverse is computed in float32. One-shot: `trainer.train()` applies the edit, no training
     loop; the edited projections are what `save_model` writes.
 
-    Token embeddings: `token_window="last"` (default) uses the embedding of the concept's last token (before EOS);
-    `"last_to_end"` uses that token and every position after it (EOS, padding), aligned with the guide's from its
-    last token, as the authors' released code does. (On the digit model "last" keeps the other digits: mean
-    accuracy 0.656 -> 0.667, against 0.522 with "last_to_end"; both remove the erased digit.)
+    Token embeddings: `token_window="last"` (default) uses the embedding of the concept's last token before EOS
+    (found from the tokenizer's attention mask, as the authors' `uce_sd_erase.py` does; for the empty guide "" that
+    is its BOS), one vector per concept; `"last_to_end"` uses that token and every position after it (EOS,
+    padding), aligned with the guide's from its last token, as the authors' first release (`train_erase.py`) does
+    for erased concepts (that release used every position of a preserved prompt; here preserved concepts use the
+    same window).
+    (On the digit model "last" keeps the other digits: mean accuracy 0.656 -> 0.667, against 0.522 with
+    "last_to_end"; both remove the erased digit.)
 
     Defaults: lambda = 0.5, erase_scale s_e = 1, preserve_scale s_p = 1, guide "" (the unconditional embedding:
     erasure) for every concept; `guide_prompts` maps concepts to other guides (a list, one per forget row, or a
