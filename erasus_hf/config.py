@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 RETAIN_LOSSES = ("nll", "kl", "none")
+RETAIN_KL_POSITIONS = ("answer", "all")
 REFERENCE_MODES = ("auto", "adapter", "copy", "cached", "none")
 
 
@@ -34,6 +35,15 @@ class UnlearningConfig(TrainingArguments):
             "help": "Retain term: 'nll' (likelihood of the retain answers), 'kl' (KL(pi_ref || pi_theta) on retain "
             "answer tokens) or 'none'.",
             "choices": list(RETAIN_LOSSES),
+        },
+    )
+    retain_kl_positions: str = field(
+        default="answer",
+        metadata={
+            "help": "Positions of the retain_loss='kl' term: 'answer' (KL per answer token, averaged per example, "
+            "then over examples) or 'all' (TOFU's and open-unlearning's: every position of the padded retain batch, "
+            "prompt and padding included, one mean over all of them).",
+            "choices": list(RETAIN_KL_POSITIONS),
         },
     )
     reference: str = field(
@@ -80,6 +90,11 @@ class UnlearningConfig(TrainingArguments):
             raise ValueError(f"strategy_kwargs must be a dict or a JSON object, got {type(self.strategy_kwargs)}")
         if self.retain_loss not in RETAIN_LOSSES:
             raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}, got {self.retain_loss!r}")
+        if self.retain_kl_positions not in RETAIN_KL_POSITIONS:
+            raise ValueError(
+                f"retain_kl_positions must be one of {RETAIN_KL_POSITIONS}, got {self.retain_kl_positions!r}: "
+                "'answer' averages the KL over answer tokens, 'all' over every position of the batch (TOFU's code)."
+            )
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.remove_unused_columns:

@@ -105,13 +105,21 @@ def test_grad_diff_nll_retain_term():
     assert metrics["retain_loss"].item() == pytest.approx(retain_nll, abs=1e-6)
 
 
+KL_REF_LOGITS = torch.tensor(
+    [
+        [[9.0, 9.0, 9.0], [0.3, -0.2, 1.0], [0.0, 2.0, 0.0]],
+        [[1.0, 1.0, 0.0], [0.5, 0.5, 0.5], [9.0, -9.0, 9.0]],
+    ]
+)
+
+
+def hand_kl(ref_row, policy_row):
+    q, p = log_softmax_list(ref_row.tolist()), log_softmax_list(policy_row.tolist())
+    return sum(math.exp(qv) * (qv - pv) for qv, pv in zip(q, p, strict=True))
+
+
 def test_kl_retain_term_is_kl_ref_to_policy_on_answer_tokens():
-    ref_logits = torch.tensor(
-        [
-            [[9.0, 9.0, 9.0], [0.3, -0.2, 1.0], [0.0, 2.0, 0.0]],
-            [[1.0, 1.0, 0.0], [0.5, 0.5, 0.5], [9.0, -9.0, 9.0]],
-        ]
-    )
+    ref_logits = KL_REF_LOGITS
     policy = LogitsObjective().score(None, batch())
     reference = LogitsObjective().score(None, {"logits": ref_logits, "labels": LABELS})
     per_example = kl_to_reference(policy, reference)
@@ -132,6 +140,74 @@ def test_kl_retain_term_is_kl_ref_to_policy_on_answer_tokens():
     )
     forget_nll = sum(-sum(r) / len(r) for r in hand_token_logprobs()) / 2
     assert loss.item() == pytest.approx(-forget_nll + sum(hand) / 2, abs=1e-6)
+
+
+def test_kl_retain_term_over_all_positions_as_tofu():
+    """retain_kl_positions="all": KL(ref || policy) summed over every position, the -100 ones included, divided by
+    B x T = 6, which is TOFU's and open-unlearning's kl_div(policy, ref, reduction="batchmean", log_target=True) on
+    logits flattened to [B x T, V]; the default averages over the 4 answer tokens, per example."""
+    padding = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the last position of example 1 is padding: it counts too
+    retain = {"logits": LOGITS, "labels": LABELS, "attention_mask": padding}
+    everywhere = [hand_kl(KL_REF_LOGITS[b, t], LOGITS[b, t]) for b in range(2) for t in range(3)]
+    flat = [torch.log_softmax(x, -1).view(-1, 3) for x in (LOGITS, KL_REF_LOGITS)]
+    tofu = torch.nn.functional.kl_div(flat[0], flat[1], reduction="batchmean", log_target=True)
+    assert tofu.item() == pytest.approx(sum(everywhere) / 6, abs=1e-6)
+    forget_nll = sum(-sum(r) / len(r) for r in hand_token_logprobs()) / 2
+    answer_rows = [[everywhere[1], everywhere[2]], [everywhere[3], everywhere[4]]]  # LABELS' answer positions
+    expected = {"all": sum(everywhere) / 6, "answer": sum(sum(r) / len(r) for r in answer_rows) / 2}
+    for positions, kl in expected.items():
+        context = ctx(reference=LogitsReference(KL_REF_LOGITS), retain_loss="kl")
+        context.retain_kl_positions = positions
+        loss, metrics = get_strategy("grad_diff").compute_loss(context, batch(), retain)
+        assert metrics["retain_loss"].item() == pytest.approx(kl, abs=1e-6)
+        assert loss.item() == pytest.approx(-forget_nll + kl, abs=1e-6)
+    assert abs(expected["all"] - expected["answer"]) > 0.1
+    context = ctx(reference=LogitsReference(KL_REF_LOGITS), retain_loss="kl")
+    context.retain_kl_positions = "every"
+    with pytest.raises(ValueError, match="Unknown retain_kl_positions 'every'"):
+        get_strategy("grad_diff").compute_loss(context, batch(), retain)
+
+
+def test_trainer_passes_retain_kl_positions_to_the_strategy(tmp_path, tokenizer, tiny_llama, tofu_slice):
+    """`UnlearningConfig.retain_kl_positions` reaches the retain term: the trainer's loss on one batch equals the
+    hand computation from the two models' logits, for both settings; a bad value is refused with the fix."""
+    from erasus_hf import UnlearningConfig, UnlearningTrainer
+    from erasus_hf.modeling import build_tiny_llama
+
+    from .conftest import qa
+    from .test_trainer import config
+
+    forget, retain = (qa(d).select(range(4)) for d in tofu_slice)
+    other = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1)
+    for positions in ("answer", "all"):
+        args = config(tmp_path, strategy="grad_diff", retain_loss="kl", retain_kl_positions=positions)
+        trainer = UnlearningTrainer(
+            tiny_llama, args, forget_dataset=forget, retain_dataset=retain, ref_model=other, processing_class=tokenizer
+        )
+        inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, inputs).item()
+            side = inputs["retain"]
+            logits = [
+                m(input_ids=side["input_ids"], attention_mask=side["attention_mask"]).logits[:, :-1]
+                for m in (tiny_llama, other)
+            ]
+            f = inputs["forget"]
+            f_logits = tiny_llama(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits[:, :-1]
+        log_p, log_q = (torch.log_softmax(x.double(), -1) for x in logits)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # [B, T - 1]
+        if positions == "all":
+            expected_kl = kl.mean()
+        else:
+            answer = side["labels"][:, 1:] != -100
+            expected_kl = ((kl * answer).sum(-1) / answer.sum(-1)).mean()
+        f_labels = f["labels"][:, 1:]
+        f_answer = f_labels != -100
+        f_lp = torch.log_softmax(f_logits.double(), -1).gather(-1, f_labels.clamp_min(0)[..., None])[..., 0]
+        forget_nll = (-(f_lp * f_answer).sum(-1) / f_answer.sum(-1)).mean()
+        assert loss == pytest.approx((-forget_nll + expected_kl).item(), abs=1e-5), positions
+    with pytest.raises(ValueError, match="retain_kl_positions must be one of"):
+        UnlearningConfig(output_dir=str(tmp_path), retain_kl_positions="every")
 
 
 def test_npo_formula_with_reference_logprobs():
@@ -166,10 +242,29 @@ def test_simnpo_formula_length_normalised():
     assert loss.item() == pytest.approx(sum(per) / 2, abs=1e-6)
 
 
+def test_simnpo_margin_inside_beta_is_the_authors_code_form():
+    """`margin_form="inside_beta"`: -(2/beta) log sigmoid(beta (-(1/|y|) log pi - gamma)), as the authors' code and
+    open-unlearning write it; equal to the paper's form with gamma_margin = beta * gamma."""
+    beta, gamma = 2.5, 0.3
+    inside = get_strategy("simnpo", beta=beta, gamma_margin=gamma, margin_form="inside_beta")
+    loss_inside = inside.compute_loss(ctx(), batch(), None)[0]
+    per = []
+    for row in hand_token_logprobs():
+        x = beta * (-sum(row) / len(row) - gamma)
+        per.append(-(2 / beta) * math.log(1 / (1 + math.exp(-x))))
+    assert loss_inside.item() == pytest.approx(sum(per) / 2, abs=1e-6)
+    outside = get_strategy("simnpo", beta=beta, gamma_margin=beta * gamma)
+    assert outside.compute_loss(ctx(), batch(), None)[0].item() == pytest.approx(loss_inside.item(), abs=1e-6)
+    same_number = get_strategy("simnpo", beta=beta, gamma_margin=gamma).compute_loss(ctx(), batch(), None)[0]
+    assert abs(same_number.item() - loss_inside.item()) > 1e-2  # the forms differ when gamma is not converted
+    with pytest.raises(ValueError, match="margin_form must be one of"):
+        get_strategy("simnpo", margin_form="inside")
+
+
 def test_published_defaults():
     assert get_strategy("npo").beta == 0.1
     simnpo = get_strategy("simnpo")
-    assert (simnpo.beta, simnpo.gamma_margin) == (2.5, 0.0)
+    assert (simnpo.beta, simnpo.gamma_margin, simnpo.margin_form) == (2.5, 0.0, "outside_beta")
 
 
 def test_unknown_strategy_lists_valid_names():

@@ -105,7 +105,11 @@ def test_rmu_loss_against_hand_computation():
     ctx = context(HiddenObjective(), model, HiddenReference(model, ref_hidden), gamma=gamma, alpha=retain_weight)
     loss, metrics = rmu.compute_loss(ctx, forget, retain)
 
-    u = rmu.steering_vector(H).tolist()
+    # The control vector by hand, as the official code builds it (wmdp `rmu/unlearn.py`: r = torch.rand(1, 1, H),
+    # control_vec = r / ||r|| * steering_coeff), r drawn from a generator seeded with RMU's `seed` (default 42).
+    r = torch.rand(H, generator=torch.Generator().manual_seed(42)).tolist()
+    u = [v / math.sqrt(sum(x * x for x in r)) for v in r]
+    control = [c * v for v in u]
     forget_rows, norms, cosines = [], [], []
     for b in range(B):
         per_position = []
@@ -113,7 +117,7 @@ def test_rmu_loss_against_hand_computation():
             if labels[b, t] == -100:
                 continue
             h = forget_hidden[layer][b, t + 1].tolist()  # the answer token sits at input position t+1
-            per_position.append(sum((h[k] - c * u[k]) ** 2 for k in range(H)) / H)
+            per_position.append(sum((h[k] - control[k]) ** 2 for k in range(H)) / H)
             norm = math.sqrt(sum(v * v for v in h))
             norms.append(norm)
             cosines.append(sum(h[k] * u[k] for k in range(H)) / norm)

@@ -35,7 +35,8 @@ def hand_distill_kl(student, teacher, labels, temperature):
 
 def test_scrub_alternates_max_and_min_steps():
     scrub = get_strategy("scrub")
-    assert (scrub.temperature, scrub.alpha, scrub.gamma, scrub.max_epochs) == (4.0, 0.001, 0.99, 1)
+    # the authors' large-scale notebook: kd_T = 4, alpha = 0.001, gamma = 0.99, msteps = 2 (of sgda_epochs = 3)
+    assert (scrub.temperature, scrub.alpha, scrub.gamma, scrub.max_epochs) == (4.0, 0.001, 0.99, 2)
     reference = LogitsReference(REF_LOGITS)
     retain = {"logits": LOGITS.flip(0), "labels": LABELS}
 
@@ -45,7 +46,11 @@ def test_scrub_alternates_max_and_min_steps():
     assert loss.item() == pytest.approx(-hand_distill_kl(LOGITS, REF_LOGITS, LABELS, 4.0), abs=1e-5)
     assert metrics["scrub_max_step"] == 1
 
-    for step, epoch in [(1, 0.5), (2, 1.0)]:  # odd step, or past the max epochs: min-step on retain
+    context = ctx(reference=reference)
+    context.global_step, context.epoch = 4, 1.5  # even step in the second epoch: still a max-step
+    assert scrub.compute_loss(context, batch(), retain)[1]["scrub_max_step"] == 1
+
+    for step, epoch in [(1, 0.5), (6, 2.0)]:  # odd step, or past the max epochs: min-step on retain
         context = ctx(reference=reference)
         context.global_step, context.epoch = step, epoch
         loss, metrics = scrub.compute_loss(context, batch(), retain)

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from erasus_hf import UnlearningTrainer
@@ -49,3 +50,102 @@ def test_lora_task_vector_is_a_negated_adapter(tmp_path, tokenizer, tiny_llama, 
     with model.disable_adapter():
         assert abs(nll(model) - before) < 1e-5  # adapter-off is the untouched base
     assert reinforced < before < after
+
+
+def trained_adapter(model, seed=0, scale=0.5):
+    """`model` with a LoRA adapter whose B matrices are non-zero: a model that arrives carrying a trained adapter
+    (as `PeftModel.from_pretrained` would give it), so adapter-off is *not* the starting model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # LoRA's A initialisation
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def effective_weights(model):
+    """The dense weights a PeftModel computes with, by hand: every base weight, plus scaling * B @ A of the active
+    LoRA adapter on each adapted linear layer (no PEFT merge involved)."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            (active,) = module.active_adapters
+            delta = module.scaling[active] * module.lora_B[active].weight @ module.lora_A[active].weight
+            weights[module_name.removeprefix("base_model.model.") + ".weight"] = module.base_layer.weight + delta
+    for name, param in model.named_parameters():
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if "lora_" not in name and plain not in weights:
+            weights[plain] = param
+    return {name: w.detach().clone() for name, w in weights.items()}
+
+
+def test_lora_task_vector_negates_from_the_arrived_adapter(tmp_path, tokenizer, tiny_llama, tofu_slice, monkeypatch):
+    """A model that arrives with a trained adapter: theta_start = base + its adapter, and the edit is
+    theta_start - lambda (theta_ft - theta_start), computed here by hand from the dense weights. (Before the fix the
+    start was the adapter-off base: the result was base - lambda (theta_ft - base), 41.5 away from the right weights
+    (Frobenius norm over all tensors) and 2e-7 from that wrong formula; after it, 4e-6.)"""
+    from peft import PeftModel
+
+    from erasus_hf.strategies import task_vector
+
+    forget = qa(tofu_slice[0]).select(range(16))
+    plain, base = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    model = trained_adapter(tiny_llama)
+    start = effective_weights(model)
+    finetuned = {}
+
+    def recording(trainer, m, dataset=None):  # the fine-tune the strategy runs, with its result recorded
+        out = real(trainer, m, dataset)
+        finetuned.update(effective_weights(out))
+        return out
+
+    real = task_vector.finetune_on_forget
+    monkeypatch.setattr(task_vector, "finetune_on_forget", recording)
+    lam = 0.5
+    args = config(tmp_path, strategy="task_vector", strategy_kwargs={"scaling": lam}, max_steps=3, learning_rate=1e-2)
+    trainer = UnlearningTrainer(model, args, forget_dataset=forget, processing_class=tokenizer)
+    trainer.train()
+    result = effective_weights(trainer.model)
+    assert set(result) == set(start) == set(finetuned)
+    assert any(not torch.allclose(finetuned[n], start[n]) for n in start)
+    expected = {n: start[n] - lam * (finetuned[n] - start[n]) for n in start}
+    distance = sum(((result[n] - expected[n]) ** 2).sum() for n in start).sqrt().item()
+    assert distance < 1e-5, distance
+    # the adapter really computes those weights: same logits as the plain model holding them
+    plain.load_state_dict(expected)
+    ids = torch.tensor([tokenizer("Who wrote the book?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(trainer.model(ids).logits, plain(ids).logits, atol=1e-5)
+    # one adapter, under its own name, of rank r_start + r_ft, that reloads onto the base with the same weights
+    assert list(trainer.model.peft_config) == ["default"] and trainer.model.peft_config["default"].r == 8
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+def test_fresh_and_arrived_adapters_are_told_apart_and_other_adapters_refused(tiny_llama):
+    """The edit needs adapter-off = start for the cheap path; an adapter with a non-zero B is an arrived one; a delta
+    that is not B @ A (DoRA, modules_to_save, another PEFT method) cannot hold a weight difference: refused."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from erasus_hf.strategies.task_vector import adapter_adds_nothing
+
+    assert adapter_adds_nothing(
+        get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=2, target_modules="all-linear"))
+    )
+    assert not adapter_adds_nothing(trained_adapter(copy.deepcopy(tiny_llama)))
+    refused = {
+        "DoRA": LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+        "modules_to_save": LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "IA3": IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
+    }
+    for what, peft_config in refused.items():
+        with pytest.raises(ValueError, match=f"{what}.*merge_and_unload"):
+            adapter_adds_nothing(get_peft_model(copy.deepcopy(tiny_llama), peft_config))

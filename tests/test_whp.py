@@ -143,3 +143,61 @@ def test_whp_trains_towards_the_generic_targets(tmp_path, tokenizer, tofu_slice)
     )
     assert target_lp[1].mean() > target_lp[0].mean() + 0.5
     assert after.token_logprobs[changed].mean() < before.token_logprobs[changed].mean() - 0.5
+
+
+def test_whp_with_an_arrived_adapter_starts_from_it(tmp_path, tokenizer, tiny_llama, tofu_slice, monkeypatch):
+    """A model that arrives with a trained LoRA adapter is the base of WHP: the reinforced model is it fine-tuned
+    further, v_base is its prediction, and step 3 fine-tunes it (its adapter is not zeroed). The generic targets
+    are computed by hand from the arrived model's and the recorded reinforced model's logits. (Before the fix v_base
+    was the adapter-off model and step 3 started from the base with B = 0: 318 of the 319 targets differed and step 3
+    started 28.0 away from the arrived weights, Frobenius norm over all tensors.)"""
+    from erasus_hf.reference import eval_mode
+    from erasus_hf.strategies import whp as whp_module
+
+    from .test_task_vector import effective_weights, trained_adapter
+
+    forget = qa(tofu_slice[0]).select(range(8))
+    model = trained_adapter(tiny_llama)
+    arrived, start = copy.deepcopy(model), effective_weights(model)
+    args = UnlearningConfig(
+        output_dir=str(tmp_path),
+        strategy="whp",
+        max_steps=2,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = UnlearningTrainer(model, args, forget_dataset=forget, processing_class=tokenizer)
+    rows = trainer.train_dataset.forget
+
+    @torch.no_grad()
+    def logits(m):
+        with eval_mode(m):
+            return [m(torch.tensor([row["input_ids"]])).logits[0] for row in rows]
+
+    calls, real = [], whp_module.finetune_on_forget
+
+    def recording(trainer_, m, dataset=None):  # the strategy's fine-tunes: the weights they start from, the data
+        before = effective_weights(m)
+        out = real(trainer_, m, dataset)
+        calls.append({"start": before, "dataset": dataset, "logits": logits(out) if dataset is None else None})
+        return out
+
+    monkeypatch.setattr(whp_module, "finetune_on_forget", recording)
+    trainer.train()
+    assert len(calls) == 2 and calls[0]["dataset"] is None
+    for call in calls:  # the reinforced model and step 3 both start from the arrived model
+        distance = sum(((call["start"][n] - start[n]) ** 2).sum() for n in start).sqrt().item()
+        assert distance < 1e-6, distance
+    alpha, checked = trainer.strategy.alpha, 0
+    for row, v_base, v_reinforced, out in zip(rows, logits(arrived), calls[0]["logits"], calls[1]["dataset"]):
+        generic = v_base - alpha * torch.relu(v_reinforced - v_base)
+        expected = [-100] + [
+            int(generic[i - 1].argmax()) if label != -100 else -100 for i, label in enumerate(row["labels"]) if i > 0
+        ]
+        assert out["labels"] == expected
+        checked += sum(label != -100 for label in expected)
+    assert checked > 100
+    assert list(trainer.model.peft_config) == ["default"]  # the frozen copy of the arrived adapter is gone

@@ -18,7 +18,8 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class StrategyContext:
     """Everything a strategy may use in one step: the model being trained, how to score it, the frozen reference,
-    the weights of the forget (gamma) and retain (alpha) terms, and where training is (optimizer step, epoch;
+    the weights of the forget (gamma) and retain (alpha) terms and the retain term's options (`retain_loss`,
+    `retain_kl_positions`, see `UnlearningConfig`), and where training is (optimizer step, epoch;
     `training` is False under `evaluate()`, where stateful strategies must not update their state)."""
 
     model: nn.Module
@@ -27,6 +28,7 @@ class StrategyContext:
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     retain_loss: str = "nll"
+    retain_kl_positions: str = "answer"
     global_step: int = 0
     epoch: float = 0.0
     training: bool = True
@@ -157,11 +159,32 @@ def kl_to_reference(policy: Scores, reference: Scores, temperature: float = 1.0)
     return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
 
 
+def kl_over_all_positions(policy: Scores, reference: Scores) -> torch.Tensor:
+    """KL(pi_ref || pi_theta) summed over every position of the batch that has logits and divided by their number
+    (B x T): the retain KL of TOFU (`dataloader.py`, forget_loss "KL") and open-unlearning (`compute_kl_divergence`),
+    `kl_div(log_softmax(policy), log_softmax(ref), reduction="batchmean", log_target=True)` on logits flattened to
+    [B x T, V]. Prompt and padding positions count; labels and attention mask are not read. A causal LM's scores
+    hold the logits of every input position but the last (which predicts past the sequence), so T = length - 1."""
+    log_p = torch.log_softmax(policy.logits.float(), dim=-1).flatten(0, -2)
+    log_q = torch.log_softmax(reference.logits.float(), dim=-1).flatten(0, -2)
+    return (log_q.exp() * (log_q - log_p)).sum() / log_p.shape[0]
+
+
 def retain_loss(ctx: StrategyContext, retain: Batch) -> torch.Tensor:
-    """L_retain, a mean over retain examples: NLL of the retain answers, or KL(pi_ref || pi_theta) on them."""
+    """L_retain: NLL of the retain answers, or KL(pi_ref || pi_theta) on them.
+
+    `retain_kl_positions="answer"` (default): the KL of each answer token, averaged per example and then over
+    examples (every term a mean over examples, so gradient accumulation stays exact). `"all"`: TOFU's and
+    open-unlearning's reference behaviour, one mean over every position of the padded batch (`kl_over_all_positions`;
+    it depends on how far the batch is padded, so accumulation 4 x 2 is not 1 x 8 there).
+    """
     if ctx.retain_loss == "nll":
         return ctx.score(retain).mean_nll.mean()
     if ctx.retain_loss == "kl":
         reference = ctx.require_reference().scores(ctx.objective, retain)  # before the policy pass, see reference.py
-        return kl_to_reference(ctx.score(retain), reference).mean()
+        if ctx.retain_kl_positions == "answer":
+            return kl_to_reference(ctx.score(retain), reference).mean()
+        if ctx.retain_kl_positions == "all":
+            return kl_over_all_positions(ctx.score(retain), reference)
+        raise ValueError(f"Unknown retain_kl_positions {ctx.retain_kl_positions!r}; valid: 'answer', 'all'")
     raise ValueError(f"Unknown retain_loss {ctx.retain_loss!r}; valid: 'nll', 'kl', 'none'")

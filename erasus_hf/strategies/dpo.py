@@ -26,8 +26,13 @@ class DPO(Strategy):
 
     L_DPO = -(2/beta) E_forget[ log sigmoid(beta [(log pi_theta - log pi_ref)(y_alt|x) - (log pi_theta -
     log pi_ref)(y_forget|x)]) ], sequence log-probs over answer tokens; L = gamma L_DPO + alpha L_retain.
-    beta = 0.1 (TOFU's setting; the 2/beta scale is TOFU's code). `dpo` reads y_alt from the forget rows' `alternate`
-    column; `idk_dpo` draws it from the refusal list. Logs the implicit reward margin.
+    beta = 0.1, TOFU's setting. The 2/beta scale is open-unlearning's (`compute_dpo_loss` in `src/trainer/utils.py`:
+    -2/beta logsigmoid(beta (win_log_ratio - lose_log_ratio)), `configs/trainer/DPO.yaml` beta 0.1), not TOFU's:
+    TOFU's `dataloader.py` (`forget_loss == "dpo"`) has no scale, -logsigmoid(beta (pi_logratios -
+    ref_logratios)).mean() with beta = 0.1 written in the code. At beta = 0.1 our loss and its gradient are 20 times
+    TOFU's: Adam mostly cancels a constant scale, gradient clipping (`max_grad_norm`) and SGD do not. `dpo` reads
+    y_alt from the forget rows' `alternate` column; `idk_dpo` draws it from the refusal list. Logs the implicit
+    reward margin.
     """
 
     name = "dpo"

@@ -38,6 +38,9 @@ class NPO(Strategy):
         return loss, {"npo_log_ratio": log_ratio.detach().mean()}
 
 
+MARGIN_FORMS = ("outside_beta", "inside_beta")
+
+
 @register_strategy
 class SimNPO(Strategy):
     """Simple NPO: NPO without a reference model, on the length-normalised likelihood.
@@ -46,21 +49,38 @@ class SimNPO(Strategy):
     LLM Unlearning" (arXiv:2410.07163).
 
     L_SimNPO = -(2/beta) E_forget[ log sigmoid(-(beta/|y|) log pi_theta(y|x) - gamma_margin) ], |y| the number of
-    answer tokens. L = gamma L_SimNPO + alpha L_retain. Defaults are the paper's TOFU setting: beta = 2.5,
-    gamma_margin = 0 (the paper tunes the retain weight per task; set `retain_weight`).
+    answer tokens: the paper's form, the margin outside beta (`margin_form="outside_beta"`, the default).
+    The authors' code (github.com/OPTML-Group/Unlearn-Simple, TOFU `dataloader.py` and MUSE `iterative.py`) and
+    open-unlearning's `SimNPO` put the margin inside: -(2/beta) log sigmoid(beta (-(1/|y|) log pi_theta(y|x) -
+    gamma)), i.e. their gamma (open-unlearning: `delta`) is our gamma_margin / beta. `margin_form="inside_beta"`
+    reads `gamma_margin` as that gamma. With gamma_margin = 0 the two forms are the same loss.
+    L = gamma L_SimNPO + alpha L_retain. Defaults are the paper's TOFU setting: beta = 2.5, gamma_margin = 0 (the
+    authors' TOFU config: beta 2.5, gamma 0, forget coefficient 0.1375; the paper tunes the retain weight per task:
+    set `forget_weight` / `retain_weight`).
     """
 
     name = "simnpo"
     paper = "https://arxiv.org/abs/2410.07163"
 
-    def __init__(self, beta: float = 2.5, gamma_margin: float = 0.0) -> None:
+    def __init__(self, beta: float = 2.5, gamma_margin: float = 0.0, margin_form: str = "outside_beta") -> None:
         if beta <= 0:
             raise ValueError(f"SimNPO needs beta > 0, got {beta}")
+        if margin_form not in MARGIN_FORMS:
+            raise ValueError(
+                f"SimNPO margin_form must be one of {MARGIN_FORMS}, got {margin_form!r}: 'outside_beta' is the "
+                "paper's -(beta/|y|) log pi - gamma_margin, 'inside_beta' the authors' code's beta (-(1/|y|) log pi - "
+                "gamma_margin)."
+            )
         self.beta = beta
         self.gamma_margin = gamma_margin
+        self.margin_form = margin_form
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):
         scores = ctx.score(forget)
         normalised = scores.sequence_logprob / scores.num_tokens.clamp_min(1)
-        loss = -(2.0 / self.beta) * F.logsigmoid(-self.beta * normalised - self.gamma_margin).mean()
+        if self.margin_form == "outside_beta":
+            logit = -self.beta * normalised - self.gamma_margin
+        else:
+            logit = self.beta * (-normalised - self.gamma_margin)
+        loss = -(2.0 / self.beta) * F.logsigmoid(logit).mean()
         return loss, {"forget_nll": -normalised.detach().mean()}

@@ -76,8 +76,11 @@ class SalUn(MaskedUpdates, RandomLabel):
        weight decay (AdamW's decoupled decay included) and momentum cannot move them (`MaskedUpdates`; the released
        code's latest RL step does the same restore).
 
-    Defaults of the released classification code: `mask_fraction` = 0.5 (its 50% mask), 10 epochs of SGD at learning
-    rate 0.1 (CIFAR-10, random 10% forgetting), alpha = 1 (`retain_weight`). Logs `salun_mask_fraction`.
+    Defaults of the released classification code (github.com/OPTML-Group/Unlearn-Saliency, `Classification/`):
+    `mask_fraction` = 0.5 (its 50% mask), alpha = 1 (`retain_weight`), 10 epochs of SGD (momentum 0.9, weight decay
+    5e-4) at learning rate 0.01, the `--unlearn_lr` default of its `arg_parser.py`; its README's CIFAR-10 example
+    (ResNet-18, random 10% forgetting) passes 0.013. The learning rate is the trainer's (`learning_rate`), not a
+    hyperparameter of the strategy. Logs `salun_mask_fraction`.
     """
 
     name = "salun"

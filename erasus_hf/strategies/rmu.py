@@ -108,7 +108,8 @@ class RMU(Strategy):
 
     The paper writes squared L2 norms; the official code uses `mse_loss`, which also divides by the hidden size H.
     The published c and alpha are calibrated against that mean, so it is followed here. h^ref is the frozen
-    starting model (a frozen copy under full fine-tuning, RMU's setting; the adapter-off model under PEFT).
+    starting model (a frozen copy under full fine-tuning, RMU's setting; under PEFT the adapter-off model, or a
+    frozen snapshot of the adapter a model arrives with).
 
     Positions: the paper pushes every token of the forget documents. On question/answer data the prompt is a shared
     template plus a question that looks like the retain questions, so the forget term here averages over the
@@ -117,7 +118,8 @@ class RMU(Strategy):
     positions, then over examples (the official code pools all tokens of the batch, padding included).
 
     u = r / ||r||, r ~ Uniform[0, 1)^H drawn with `torch.rand` from a generator seeded with `seed` (the official code
-    draws `torch.rand` too, so u lies in the positive orthant, not in a uniformly random direction).
+    draws `torch.rand` too, so u lies in the positive orthant, not in a uniformly random direction; it draws one u per
+    forget corpus, each with its own c, where here there is one forget set and one u).
 
     Only the MLP down-projections of layers `param_layer_ids` (default [l-2, l-1, l], clipped at 0) train: the
     official `param_ids=[6]` picks the 7th parameter of a Mistral layer, `mlp.down_proj.weight`. Under PEFT, only the

@@ -92,8 +92,10 @@ class SatImp(WGA):
     (ICML 2025, arXiv:2505.11953).
 
     L_SatImp = -E_forget[ mean_t p_t^beta1 (1 - p_t)^beta2 * l_t ], l_t the answer token's NLL, p_t = exp(-l_t)
-    DETACHED. p^beta1 (importance) puts weight on tokens the model still finds likely, (1 - p)^beta2 (saturation)
-    takes it off tokens that are near-certain. L = gamma L_SatImp + alpha L_retain.
+    DETACHED. The terms are named as in open-unlearning's `compute_satimp_loss` (`weight_sat = p^beta1`,
+    `weight_imp = (1 - p)^beta2`): p^beta1 is the saturation weight (it fades once a token is unlikely, i.e. already
+    unlearned), (1 - p)^beta2 the importance weight (it takes the weight off tokens that are near-certain).
+    L = gamma L_SatImp + alpha L_retain.
     beta1 = 5, beta2 = 1, the paper's setting as open-unlearning's SatImp documents and implements it. The paper's
     TOFU runs weight retain ten times forget (open-unlearning: gamma = 0.1, alpha = 1, lr 1e-5, 5 epochs); set
     `forget_weight` / `retain_weight` for that. Logs `forget_nll` and `satimp_weight`, the mean weight.
@@ -109,7 +111,8 @@ class SatImp(WGA):
         self.beta2 = beta2
 
     def weights(self, prob: torch.Tensor) -> torch.Tensor:
-        return prob**self.beta1 * (1 - prob) ** self.beta2
+        saturation, importance = prob**self.beta1, (1 - prob) ** self.beta2
+        return saturation * importance
 
 
 def _soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ from datasets import Dataset
 from ..data.anchored import anchored_example
 from ..data.collator import QACollator
 from ..peft_utils import is_peft_model
-from ..reference import eval_mode
+from ..reference import active_adapter, eval_mode
 from .base import Strategy
 from .registry import register_strategy
-from .task_vector import finetune_on_forget
+from .task_vector import START_ADAPTER, adapter_adds_nothing, copy_adapter, finetune_on_forget
 
 
 @register_strategy
@@ -22,6 +22,7 @@ class WHP(Strategy):
 
     Eldan & Russinovich 2023, "Who's Harry Potter? Approximate Unlearning in LLMs" (arXiv:2310.02238).
 
+    "Base" is the model as it arrived (with the adapter it carries, if any).
     1. Reinforced model: the base fine-tuned further on the forget set (the run's own training arguments).
     2. Generic predictions, teacher-forced on the forget text at every answer position:
        v_generic = v_base - alpha ReLU(v_reinforced - v_base) (logits), target = argmax v_generic.
@@ -31,8 +32,11 @@ class WHP(Strategy):
        target and are not trained on (the paper's caveat about repeated terms). This is our reading of the paper's
        "combine the reinforced and the anchored-term predictions"; it publishes no code.
     3. The base is fine-tuned towards those targets on the original forget text (the run's training arguments).
-    With PEFT the reinforced model is the adapter trained in step 1 (base = adapter off); its B matrices are then
-    reset to zero and the same adapter is trained in step 3, so no second model is held. alpha = 5 is our default:
+    With a fresh LoRA adapter the reinforced model is the adapter trained in step 1 (base = adapter off); its B
+    matrices are then reset to zero and the same adapter is trained in step 3, so no second model is held. With a
+    model that arrives with a trained LoRA adapter, the base is that model: a frozen copy of its adapter gives
+    v_base, the adapter itself is fine-tuned into the reinforced model, then reset to the copy before step 3 (one
+    extra adapter's weights, deleted at the end). alpha = 5 is our default:
     the paper gives the formula but we could not verify its value of alpha; tune it. Anchored terms need raw
     question/answer rows and a fast tokenizer.
     """
@@ -101,20 +105,30 @@ class WHP(Strategy):
         return Dataset.from_list(out)
 
     def apply(self, trainer) -> dict[str, float]:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
         from ..trainer import frozen_copy
 
         model = trainer.model
-        if is_peft_model(model):
-            finetune_on_forget(trainer, model)
-            generic = self._generic_dataset(trainer, model, model, model.disable_adapter)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if "lora_B" in name and param.requires_grad:
-                        param.zero_()
-        else:
+        if not is_peft_model(model):
             reinforced = frozen_copy(model)
             finetune_on_forget(trainer, reinforced)
             generic = self._generic_dataset(trainer, model, reinforced, contextlib.nullcontext)
             del reinforced
+        elif adapter_adds_nothing(model):  # a fresh adapter: adapter-off is the starting model
+            finetune_on_forget(trainer, model)
+            generic = self._generic_dataset(trainer, model, model, model.disable_adapter)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if ("lora_B" in name or "lora_embedding_B" in name) and param.requires_grad:
+                        param.zero_()
+        else:  # an arrived adapter: the starting model is base + that adapter, kept in a frozen copy
+            name = model.active_adapter
+            start = copy_adapter(model, name, START_ADAPTER)
+            finetune_on_forget(trainer, model)
+            generic = self._generic_dataset(trainer, model, model, lambda: active_adapter(model, start))
+            state = get_peft_model_state_dict(model, adapter_name=start)
+            set_peft_model_state_dict(model, state, adapter_name=name)  # step 3 starts from the arrived model
+            model.delete_adapter(start)
         finetune_on_forget(trainer, model, dataset=generic)
         return {"whp_alpha": self.alpha, **self.counts}
