@@ -7,8 +7,9 @@ Two attacks on a COPY of the unlearned model (the caller's model is never modifi
   arXiv:2406.13356): fine-tune the copy for a few optimizer steps on a small part of the forget set and measure the
   forget metrics on the *rest* of it. Knowledge that was only suppressed comes back on rows never relearned.
 - Quantisation (Zhang et al. 2024, "Catastrophic Failure of LLM Unlearning via Quantization", arXiv:2410.16454):
-  quantise the copy's Linear weights and measure the forget metrics again; a small weight update that hides the
-  knowledge at full precision can round away.
+  quantise the copy's Linear weights to int8 or int4 (`quantized_copy`, through transformers' quantisation configs)
+  and measure the forget and retain metrics again (`quantization_report`); an unlearning update smaller than half a
+  quantisation step rounds back to the original weight, and 4-bit steps are about 16 times coarser than 8-bit ones.
 
 The forget metrics, both from one batched teacher-forced pass (`scoring.token_stats`, QA layout: prompt masked, EOS
 appended and scored):
@@ -22,14 +23,23 @@ appended and scored):
 from __future__ import annotations
 
 import copy
+import importlib
 import math
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    QuantoConfig,
+    TorchAoConfig,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..data.collator import QACollator
 from .memorization import exact_memorization
@@ -235,69 +245,252 @@ class RelearningEvaluator:
         return EvaluationResult(summary, per_example, meta)
 
 
-def quantized_copy(model: nn.Module, bits: int = 8) -> nn.Module:
-    """A copy of `model` whose `nn.Linear` layers hold int8 weights (per-tensor affine) with dynamic int8 activation
-    quantisation: `torch.ao.quantization.quantize_dynamic` (PyTorch's built-in eager-mode quantisation, which
-    PyTorch marks deprecated in favour of torchao). Embeddings and norms stay in float32.
+QUANT_BACKENDS = ("quanto", "bitsandbytes", "torchao")
 
-    The copy (`attack_copy`: PEFT adapters merged) is cast to float32 and moved to the CPU, where these quantised
-    kernels run. The caller's model is untouched. `bits=4` needs a library this build of PyTorch lacks (its dynamic
-    quantisation is int8 only) and raises a RuntimeError naming what to install.
-    """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
-    if bits == 4:
-        raise RuntimeError(
-            "4-bit weight quantisation is not available: torch.ao.quantization.quantize_dynamic supports only int8 "
-            "(qint8) and float16. Install torchao (`pip install torchao`, int4 weight-only quantize_) or, on CUDA, "
-            "bitsandbytes (`pip install bitsandbytes`, load_in_4bit); erasus_hf implements only the 8-bit path."
-        )
+
+def _as_bits(bits: int | Sequence[int]) -> tuple[int, ...]:
+    """`bits` as a tuple of distinct bit widths, each 8 or 4 (order kept)."""
+    values = (bits,) if isinstance(bits, int) else tuple(bits)
+    if not values or any(isinstance(b, bool) or b not in (8, 4) for b in values):
+        raise ValueError(f"bits must be 8 or 4 (or a list of them, e.g. bits=(8, 4)), got {bits!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _one_bits(bits: int, what: str) -> int:
+    if not isinstance(bits, int):
+        raise ValueError(f"{what} takes one bit width (8 or 4), got {bits!r}; quantization_report takes several.")
+    return _as_bits(bits)[0]
+
+
+def _require(module: str, backend: str, install: str) -> None:
     try:
-        from torch.ao.quantization import quantize_dynamic
+        importlib.import_module(module)
     except ImportError as error:
-        raise RuntimeError(
-            "torch.ao.quantization.quantize_dynamic is missing from this PyTorch; install torchao "
-            "(`pip install torchao`) for int8 weight quantisation."
-        ) from error
-    clone = attack_copy(model).float().to("cpu").eval()
-    return quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        other = "" if backend == "quanto" else "; or use backend='quanto', which runs int8 and int4 on CPU and GPU"
+        raise RuntimeError(f"backend={backend!r} needs {install}{other}.") from error
 
 
-def quantized_forget_metrics(
+def quantization_config(
+    bits: int, backend: str = "quanto", device: torch.device | str = "cpu"
+) -> QuantizationConfigMixin:
+    """The transformers quantisation config of `bits`-bit weight-only quantisation with `backend`, once the backend
+    is known to be installed and to run on `device` (see `quantized_copy` for what each one does).
+
+    Raises a RuntimeError naming what to install (or which device is needed) when it cannot run, a ValueError for an
+    unknown backend or a bit width other than 8 or 4."""
+    bits = _one_bits(bits, "quantization_config")
+    device = torch.device(device)
+    if backend == "quanto":
+        _require("optimum.quanto", backend, "optimum-quanto (`pip install optimum-quanto` or erasus_hf[quant])")
+        return QuantoConfig(weights=f"int{bits}")
+    if backend == "bitsandbytes":
+        _require("bitsandbytes", backend, "bitsandbytes (`pip install bitsandbytes`) and a CUDA GPU for its kernels")
+        return BitsAndBytesConfig(load_in_4bit=True) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    if backend == "torchao":
+        _require("torchao", backend, "torchao (`pip install torchao`)")
+        if bits == 4 and device.type != "cuda":
+            raise RuntimeError(
+                f"torchao's int4 weight-only quantisation runs on CUDA GPUs (its int4 kernels), and the model is on "
+                f"{device}; move the model to a GPU, or use backend='quanto', which runs int4 on CPU."
+            )
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig() if bits == 8 else Int4WeightOnlyConfig(group_size=128))
+    raise ValueError(f"backend must be one of {', '.join(QUANT_BACKENDS)}; got {backend!r}")
+
+
+def quantized_copy(model: nn.Module, bits: int = 8, backend: str = "quanto") -> PreTrainedModel:
+    """A copy of `model` whose Linear weights are quantised to `bits` (8 or 4) by `backend`, through transformers'
+    own quantisation path: the model is saved (safetensors, a temporary folder) and reloaded with
+    ``from_pretrained(folder, quantization_config=quantization_config(bits, backend))`` on the model's device and in
+    its dtype. transformers quantises only while loading (it has no in-memory route), and this route keeps its choice
+    of what stays in full precision: embeddings, norms and the output head (``lm_head``), as with every backend.
+    A PEFT model is merged first, on a copy (`attack_copy`); the caller's model is untouched.
+
+    Weight-only round-to-nearest, no calibration data, activations in full precision:
+
+    - ``"quanto"`` (optimum-quanto, CPU and GPU; the default): ``QuantoConfig(weights="int8")``, symmetric per
+      output channel (scale = max|w| / 127); ``QuantoConfig(weights="int4")``, min-max affine over groups of 128
+      input weights (a whole row when it has 128 or fewer), 16 levels per group. On CPU the first int4 run compiles
+      quanto's small C++ unpacking extension (a C++ compiler and ninja; about a minute, cached afterwards).
+    - ``"bitsandbytes"`` (CUDA): ``BitsAndBytesConfig(load_in_8bit=True)`` (LLM.int8) and
+      ``BitsAndBytesConfig(load_in_4bit=True)`` (FP4, absmax blocks of 64), exactly what the code of Zhang et al.
+      2024 (arXiv:2410.16454, ``utils.load_model`` in zzwjames/FailureLLMUnlearning) loads its 8- and 4-bit models
+      with.
+    - ``"torchao"``: ``TorchAoConfig(Int8WeightOnlyConfig())`` (CPU and GPU) and
+      ``TorchAoConfig(Int4WeightOnlyConfig(group_size=128))`` (CUDA only).
+
+    How this relates to the paper: its code quantises with bitsandbytes round-to-nearest (a GPTQ path is there,
+    commented out), and the paper adds GPTQ and AWQ, which calibrate on data; neither of those is implemented here.
+    quanto's int4 is round-to-nearest too (INT4 min-max per group of 128 where bitsandbytes uses FP4 absmax per block
+    of 64), so the mechanism the paper describes, an unlearning update smaller than half a quantisation step rounding
+    back to the original weight, applies alike; the numbers are not bit-identical to the paper's setting, which
+    ``backend="bitsandbytes"`` reproduces on a GPU.
+    """
+    from peft import PeftModel
+
+    bits = _one_bits(bits, "quantized_copy")
+    parameter = next(model.parameters())
+    config = quantization_config(bits, backend, parameter.device)
+    source = attack_copy(model) if isinstance(model, PeftModel) else model
+    if not isinstance(source, PreTrainedModel):
+        raise TypeError(
+            "quantized_copy needs a transformers PreTrainedModel (or a PEFT model of one), got "
+            f"{type(source).__name__}: it quantises by reloading the saved model with from_pretrained(..., "
+            "quantization_config=...)."
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        source.save_pretrained(folder)
+        quantized = type(source).from_pretrained(
+            folder, quantization_config=config, dtype=parameter.dtype, device_map={"": parameter.device}
+        )
+    return quantized.eval()
+
+
+def _qa_metrics(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     forget_rows: Dataset,
-    bits: int = 8,
+    retain_rows: Dataset | None,
+    batch_size: int,
+    max_length: int,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """`forget_metrics` on the forget rows and, under `retain_*` names, on the retain rows."""
+    summary, per_example = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length)
+    if retain_rows is not None:
+        retain, retain_per_example = forget_metrics(model, tokenizer, retain_rows, batch_size, max_length)
+        summary |= {m.replace("forget", "retain", 1): v for m, v in retain.items()}
+        per_example |= {m.replace("forget", "retain", 1): v for m, v in retain_per_example.items()}
+    return summary, per_example
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole != 0 else math.nan
+
+
+def quantization_report(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    forget_rows: Dataset,
+    retain_rows: Dataset | None = None,
+    bits: int | Sequence[int] = (8, 4),
+    original: nn.Module | Mapping[str, float] | None = None,
+    backend: str = "quanto",
     batch_size: int = 32,
     max_length: int = 512,
 ) -> dict:
-    """Forget metrics (`forget_prob`, `forget_accuracy`) of `model` and of its `quantized_copy`, side by side
-    (Zhang et al. 2024, arXiv:2410.16454): ``{"full": {...}, "quantized": {...}, "difference": {metric: quantized -
-    full}, "bits": bits, "per_example": {"forget_prob_full": [...], "forget_prob_quantized": [...], ...}}``."""
+    """Forget (and retain) metrics of `model` at full precision and of its `quantized_copy` at each of `bits`, side
+    by side: does quantisation undo the unlearning (Zhang et al. 2024, arXiv:2410.16454)?
+
+    Metrics (module docstring): ``forget_prob``, ``forget_accuracy`` on `forget_rows` and, given `retain_rows`,
+    ``retain_prob``, ``retain_accuracy`` (the same two measures on the retain rows: quantisation that undoes the
+    unlearning and also breaks the model shows here).
+
+    `original` is the model before unlearning (or its full-precision ``{"forget_prob": ..., "forget_accuracy":
+    ...}`` on the same forget rows). With it, for each forget metric m, with o = the original's value, u = `model`'s
+    at full precision and q = `model`'s at a quantised precision:
+
+    - ``recovered`` = (q - u) / (o - u): the share of the unlearning (the drop o - u) that quantisation undoes;
+      0 = none, 1 = all of it (back at the original's level), negative = quantisation deepened the forgetting;
+      NaN when o == u (nothing was unlearned);
+    - ``retained`` = m / o at every precision, full included: the share of the original's forget score the model
+      keeps, the quantity behind the paper's summary (methods with utility constraints keep about 21% of the
+      forgotten knowledge at full precision, about 83% after 4-bit quantisation); NaN when o == 0.
+
+    Without `original` only ``difference`` (q - u, for every metric) measures the change.
+
+    Returns ``{"full": {metric: value}, "int8": {...}, "int4": {...}, "difference": {"int8": {metric: q - u}, ...},
+    "recovered": {"int8": {forget metric: ...}, ...}, "retained": {"full": {...}, "int8": {...}, ...}, "original":
+    {forget metric: o}, "per_example": {f"{metric}_{precision}": [...]}, "precisions": ["full", "int8", "int4"],
+    "bits": [8, 4], "backend": backend}`` (``recovered``, ``retained`` and ``original`` only with `original`).
+    """
+    bits = _as_bits(bits)
     _check_rows(forget_rows, "The forget rows")
-    quantized = quantized_copy(model, bits)
-    full = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length)
-    quant = forget_metrics(quantized, tokenizer, forget_rows, batch_size, max_length)
-    return {**side_by_side(("full", full), ("quantized", quant), change="difference"), "bits": bits}
+    if retain_rows is not None:
+        _check_rows(retain_rows, "The retain rows")
+    for b in bits:  # refuse an unavailable backend before any model is scored
+        quantization_config(b, backend, next(model.parameters()).device)
+    if original is None:
+        start = None
+    elif isinstance(original, nn.Module):
+        start, _ = forget_metrics(original, tokenizer, forget_rows, batch_size, max_length)
+    else:
+        missing = [m for m in METRICS if m not in original]
+        if missing:
+            raise ValueError(
+                f"original needs the full-precision forget metrics {list(METRICS)} of the model before unlearning "
+                f"(or the model itself); missing {missing}."
+            )
+        start = {m: float(original[m]) for m in METRICS}
+
+    precisions = ["full"] + [f"int{b}" for b in bits]
+    scored = {"full": _qa_metrics(model, tokenizer, forget_rows, retain_rows, batch_size, max_length)}
+    for b in bits:
+        quantized = quantized_copy(model, b, backend)
+        scored[f"int{b}"] = _qa_metrics(quantized, tokenizer, forget_rows, retain_rows, batch_size, max_length)
+        del quantized
+    full = scored["full"][0]
+    report: dict = {p: scored[p][0] for p in precisions}
+    report["difference"] = {p: {m: report[p][m] - full[m] for m in full} for p in precisions[1:]}
+    if start is not None:
+        report["original"] = start
+        report["recovered"] = {
+            p: {m: _share(report[p][m] - full[m], start[m] - full[m]) for m in METRICS} for p in precisions[1:]
+        }
+        report["retained"] = {p: {m: _share(report[p][m], start[m]) for m in METRICS} for p in precisions}
+    report["per_example"] = {f"{m}_{p}": values for p in precisions for m, values in scored[p][1].items()}
+    report.update(precisions=precisions, bits=list(bits), backend=backend)
+    return report
 
 
 class QuantizationEvaluator:
-    """`quantized_forget_metrics` as an evaluator: summary `{name}/forget_prob_full`, `{name}/forget_prob_quantized`,
-    `{name}/forget_accuracy_full`, `{name}/forget_accuracy_quantized`, per-example `{name}/forget_prob_quantized`."""
+    """`quantization_report` as an evaluator. Summary: ``{name}/{metric}_{precision}`` for every metric
+    (``forget_prob``, ``forget_accuracy`` and, with `retain_rows`, ``retain_prob``, ``retain_accuracy``) and
+    precision (``full``, ``int8``, ``int4``), and, with `original`, ``{name}/{forget metric}_{precision}_recovered``
+    for the quantised precisions. Per-example: ``{name}/{metric}_{precision}`` for every metric and precision. Meta:
+    bits, backend, the original's numbers and the definition of recovery."""
 
-    def __init__(self, forget_rows: Dataset, bits: int = 8, name: str | None = None) -> None:
+    def __init__(
+        self,
+        forget_rows: Dataset,
+        bits: int | Sequence[int] = (8, 4),
+        retain_rows: Dataset | None = None,
+        original: nn.Module | Mapping[str, float] | None = None,
+        backend: str = "quanto",
+        name: str = "quant",
+    ) -> None:
         self.forget_rows = forget_rows
-        self.bits = bits
-        self.name = name or f"quant{bits}"
+        self.bits = _as_bits(bits)
+        self.retain_rows = retain_rows
+        self.original = original
+        if backend not in QUANT_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(QUANT_BACKENDS)}; got {backend!r}")
+        self.backend = backend
+        self.name = name
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
-        """`reference` is unused; accepted for the evaluator interface."""
-        out = quantized_forget_metrics(model, tokenizer, self.forget_rows, bits=self.bits)
-        summary = {}
-        for metric in METRICS:
-            for which in ("full", "quantized"):
-                summary[f"{self.name}/{metric}_{which}"] = out[which][metric]
-        per_example = {f"{self.name}/{m}_quantized": out["per_example"][f"{m}_quantized"] for m in METRICS}
-        return EvaluationResult(summary, per_example, {self.name: {"bits": self.bits}})
+        """`reference` is unused (the check needs no retain-model run); accepted for the evaluator interface."""
+        out = quantization_report(
+            model,
+            tokenizer,
+            self.forget_rows,
+            self.retain_rows,
+            bits=self.bits,
+            original=self.original,
+            backend=self.backend,
+        )
+        summary = {f"{self.name}/{m}_{p}": v for p in out["precisions"] for m, v in out[p].items()}
+        for p, values in out.get("recovered", {}).items():
+            summary |= {f"{self.name}/{m}_{p}_recovered": v for m, v in values.items()}
+        per_example = {f"{self.name}/{key}": values for key, values in out["per_example"].items()}
+        meta = {
+            self.name: {
+                "bits": list(self.bits),
+                "backend": self.backend,
+                "original": out.get("original"),
+                "recovered": "(quantised - full) / (original - full), forget metrics at full precision",
+            }
+        }
+        return EvaluationResult(summary, per_example, meta)
