@@ -1,6 +1,8 @@
 """erasus_hf: machine unlearning as a native extension of the Hugging Face stack."""
 
 from .config import UnlearningConfig
+from .data.muse import MUSEDataset
+from .data.tofu import TOFUDataset
 from .evaluation import EvaluationResult, MetricSuite, UnlearningEarlyStoppingCallback
 from .objectives import CausalLMObjective, ClassificationObjective, Objective, Scores, get_objective
 from .strategies import STRATEGIES, Strategy, get_strategy, register_strategy
@@ -15,10 +17,12 @@ __all__ = [
     "ClassificationObjective",
     "ErasusUnlearner",
     "EvaluationResult",
+    "MUSEDataset",
     "MetricSuite",
     "Objective",
     "Scores",
     "Strategy",
+    "TOFUDataset",
     "UnlearningConfig",
     "UnlearningEarlyStoppingCallback",
     "UnlearningResult",

@@ -7,10 +7,20 @@ arXiv:2407.06460): verbatim memorization, knowledge memorization and privacy lea
   question/answer format; the greedy answer (32 new tokens), cut before the model starts a new block (``"\\n\\n"``,
   ``"\\nQuestion"``, ``"Question:"``, as MUSE's code does), scored by ROUGE-L recall against ``answer``; the mean,
   on the forget and on the retain questions.
-- **PrivLeak.** ``(AUC_model - AUC_retain) / AUC_retain x 100``, AUC the ROC AUC of Min-K% Prob (k = 0.4) telling
-  ``privleak/forget`` (members) from ``privleak/holdout`` (non-members), ``AUC_retain`` that of the retain model (the
-  reference run's ``{name}/privleak_auc``). Near 0 = as private as retraining; large positive = the forget set
-  leaks (under-unlearning); large negative = over-unlearning.
+- **PrivLeak.** MUSE's convention (its ``eval.py`` and ``metrics/privleak.py``; open-unlearning's ``privleak`` metric
+  follows it). Each ``privleak/forget`` and ``privleak/holdout`` text is scored by Min-K% Prob with k = 0.4 (MUSE's
+  ``Min-40%``: the mean of the lowest 40% of the token log-probs; MUSE scores every token after its Llama BOS). MUSE's
+  AUC is the *flipped* one: its ROC labels the holdout as the members (its key ``forget_holdout_Min-40%``), so it is
+  ``AUC_muse = 1 - AUC``, AUC the conventional ROC AUC with the forget texts as members (the summary's
+  ``privleak_auc``). Then ``PrivLeak = (AUC_muse(model) - AUC_muse(retain)) / AUC_muse(retain) x 100``, the
+  denominator the retain (retrained) model's flipped AUC, i.e. ``(AUC_retain - AUC_model) / (1 - AUC_retain) x 100``.
+  Near 0 = as private as retraining; strongly negative (down to -100) = the model still tells its forget set from
+  the holdout (under-unlearning: MUSE's target models are near -100); positive = over-unlearning (the forget set
+  looks *less* familiar than unseen text). The retain AUC: MUSE's code divides by a constant measured once on its
+  retrained Llama-2 (``AUC_RETRAIN``: 0.4772 News, 0.5393 Books, flipped form), open-unlearning reads the retain
+  model's evaluation logs (with a 0.5 fallback); here it is the reference run's ``{name}/privleak_auc`` and there is
+  no fallback (PrivLeak is left out without a reference). Texts longer than ``max_length`` tokens are cut (MUSE
+  scores whole texts, open-unlearning cuts at 2048 tokens, the default here).
 
 Prompt format. MUSE's code writes ``"Question: {q}\\nAnswer: {a}\\n\\n"`` per example and ends the prompt with
 ``"Answer: "``. The models here are trained on ``PROMPT_TEMPLATE`` (``"Question: {q}\\nAnswer:"``) with the answer
@@ -36,11 +46,31 @@ STOP_STRINGS = ("\n\n", "\nQuestion", "Question:")
 """A KnowMem answer ends where the model starts the next question/answer block."""
 
 
+def check_retain_auc(auc_retain: float) -> None:
+    """Raise unless `auc_retain` (conventional) can be PrivLeak's reference: in [0, 1) (its flip is the divisor)."""
+    if not 0 <= auc_retain <= 1:
+        raise ValueError(f"AUCs must lie in [0, 1]; got {auc_retain} for the retain model.")
+    if auc_retain == 1:
+        raise ValueError(
+            "PrivLeak is undefined for a retain-model AUC of 1: MUSE divides by the flipped AUC 1 - AUC_retain = 0. "
+            "Check that the reference run is a model that never saw the forget set."
+        )
+
+
 def privleak(auc_model: float, auc_retain: float) -> float:
-    """MUSE's PrivLeak: ``(AUC_model - AUC_retain) / AUC_retain x 100`` (percent)."""
-    if not 0 < auc_retain <= 1 or not 0 <= auc_model <= 1:
-        raise ValueError(f"AUCs must lie in [0, 1] (the retain AUC > 0); got {auc_model} and {auc_retain}.")
-    return (auc_model - auc_retain) / auc_retain * 100
+    """MUSE's PrivLeak (percent) from two conventional AUCs (forget texts scored as the members): the model's and
+    the retain model's ``privleak_auc``.
+
+    MUSE reports the flipped AUC, ``1 - AUC`` (the holdout labelled as members), and divides by the retain model's:
+    ``((1 - auc_model) - (1 - auc_retain)) / (1 - auc_retain) x 100``. A model that memorised its forget set
+    (``auc_model`` near 1) is near -100, one as private as the retain model is 0, an over-unlearned one (forget
+    texts less likely than unseen ones) is positive.
+    """
+    if not 0 <= auc_model <= 1:
+        raise ValueError(f"AUCs must lie in [0, 1]; got {auc_model} for the model.")
+    check_retain_auc(auc_retain)
+    flipped_model, flipped_retain = 1 - auc_model, 1 - auc_retain
+    return (flipped_model - flipped_retain) / flipped_retain * 100
 
 
 def few_shot_prompt(question: str, icl_questions: Sequence[str] = (), icl_answers: Sequence[str] = ()) -> str:
@@ -64,8 +94,10 @@ class MUSEEvaluator:
     """VerbMem, KnowMem (forget and retain) and PrivLeak of a model on MUSE data.
 
     Summary keys ``{name}/verbmem_forget_rouge_f1``, ``{name}/knowmem_forget_rouge_recall``,
-    ``{name}/knowmem_retain_rouge_recall``, ``{name}/privleak_auc`` and ``{name}/privleak`` (only with a reference
-    evaluation, the retain model's run, holding ``{name}/privleak_auc``); per-example logs under the same names for
+    ``{name}/knowmem_retain_rouge_recall``, ``{name}/privleak_auc`` (conventional: forget = members),
+    ``{name}/privleak_auc_flipped`` (``1 - privleak_auc``, the AUC MUSE reports) and ``{name}/privleak`` (MUSE's
+    convention, see the module doc; only with a reference evaluation, the retain model's run, holding
+    ``{name}/privleak_auc``); per-example logs under the same names for
     the ROUGE scores and ``{name}/privleak_forget_min_k`` / ``{name}/privleak_holdout_min_k`` for the MIA scores.
 
     Args:
@@ -142,11 +174,13 @@ class MUSEEvaluator:
     ) -> EvaluationResult:
         name = self.name
         auc_key = f"{name}/privleak_auc"
-        if reference is not None and auc_key not in reference.summary:  # checked before the expensive passes
-            raise KeyError(
-                f"PrivLeak needs {auc_key!r} in the reference evaluation's summary; it has "
-                f"{sorted(reference.summary)}. Evaluate the retain model with MUSEEvaluator on the same data."
-            )
+        if reference is not None:  # checked before the expensive passes
+            if auc_key not in reference.summary:
+                raise KeyError(
+                    f"PrivLeak needs {auc_key!r} in the reference evaluation's summary; it has "
+                    f"{sorted(reference.summary)}. Evaluate the retain model with MUSEEvaluator on the same data."
+                )
+            check_retain_auc(float(reference.summary[auc_key]))
         result = EvaluationResult(meta={f"{name}/corpus": self.data.corpus, f"{name}/min_k": self.k})
         logs = {
             "verbmem_forget_rouge_f1": self.verbmem(model, tokenizer),
@@ -163,6 +197,7 @@ class MUSEEvaluator:
         result.per_example[f"{name}/privleak_holdout_min_k"] = holdout_scores
         model_auc = auc(forget_scores, holdout_scores)
         result.summary[auc_key] = model_auc
+        result.summary[f"{name}/privleak_auc_flipped"] = 1 - model_auc
 
         if reference is None:
             result.meta[f"{name}/privleak_missing"] = (
