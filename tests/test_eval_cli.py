@@ -39,7 +39,7 @@ def _evaluate_args(model_dir, data_dir, output, *extra):
     return [
         "evaluate", "--model", str(model_dir), "--data_dir", str(data_dir), "--forget_split", "forget01",
         "--benchmark", "tofu", "mia", "memorization", "--holdout_split", "holdout01", "--batch_size", "5",
-        "--output", str(output), *extra,
+        "--max_new_tokens", "16", "--generation_batch_size", "4", "--output", str(output), *extra,
     ]  # fmt: skip
 
 
@@ -47,6 +47,7 @@ def test_evaluate_writes_a_json_that_a_later_run_uses_as_reference(saved, tmp_pa
     model_dir, data_dir = saved
     assert main(_evaluate_args(model_dir, data_dir, tmp_path / "retain_eval.json")) == 0
     first = EvaluationResult.load(tmp_path / "retain_eval.json")
+    assert first.meta["tofu/generation"] == {"max_new_tokens": 16, "batch_size": 4, "greedy": True}
     assert "tofu/forget_quality" not in first.summary  # no reference, no number
     assert len(first.per_example["tofu/forget_truth_ratio"]) == 12
     assert {"mia/loss_auc", "mia/min_k_plus_plus_auc", "memorization/forget_exact_memorization"} <= set(first.summary)
@@ -75,3 +76,12 @@ def test_two_processes_give_the_numbers_of_one(saved, tmp_path):
         assert two["summary"][key] == pytest.approx(value, abs=1e-5), key
     for key, values in one["per_example"].items():
         assert two["per_example"][key] == pytest.approx(values, abs=1e-5), key
+
+
+def test_evaluate_help_explains_the_generation_settings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max_new_tokens" in text and "200 = open-unlearning's TOFU setting" in text
+    assert "--generation_batch_size" in text and "default: --batch_size" in text

@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 
 from erasus_hf.data.collator import QACollator
+from erasus_hf.data.formatting import format_completion
 from erasus_hf.data.tofu import load_tofu
 from erasus_hf.evaluation.mia import (
     ATTACKS,
@@ -135,20 +136,37 @@ def test_token_stats_match_direct_full_vocabulary_computation(tiny_llama, tokeni
 # ---- GradNorm ------------------------------------------------------------------------------------------------------
 
 
-def test_gradnorm_equals_independent_backward(tiny_llama, tokenizer, tofu_slice):
+@pytest.mark.parametrize(
+    ("reduction", "score_eos"), [("mean", False), ("global", False), ("mean", True), ("global", True)]
+)
+def test_gradnorm_equals_independent_backward(tiny_llama, tokenizer, tofu_slice, reduction, score_eos):
     forget, _ = tofu_slice
     questions, answers = forget["question"][:2], forget["answer"][:2]  # different lengths: padding is stripped
-    scores = gradnorm_scores(tiny_llama, qa_batches(tokenizer, questions, answers, batch_size=2))
+    batches = qa_batches(tokenizer, questions, answers, batch_size=2)
+    scores = gradnorm_scores(tiny_llama, batches, score_eos=score_eos, reduction=reduction)
     collator = QACollator(tokenizer)
     expected = []
     for q, a in zip(questions, answers, strict=True):
         row = collator.tokenize({"question": q, "answer": a})
+        labels = row["labels"] if score_eos else row["labels"][:-1] + [-100]  # the EOS is the last label
         model = copy.deepcopy(tiny_llama).eval()
-        loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+        loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([labels])).loss
         loss.backward()
-        expected.append(-math.sqrt(sum(p.grad.square().sum().item() for p in model.parameters())))
+        norms = [p.grad.norm().item() for p in model.parameters()]
+        expected.append(-(sum(norms) / len(norms) if reduction == "mean" else math.sqrt(sum(n * n for n in norms))))
     assert scores == pytest.approx(expected, rel=1e-4)
     assert expected[0] != pytest.approx(expected[1], rel=1e-3)
+
+
+def test_gradnorm_rejects_bad_options(tiny_llama, tokenizer, tofu_slice):
+    forget, retain = tofu_slice
+    batches = list(qa_batches(tokenizer, forget["question"][:1], forget["answer"][:1]))
+    with pytest.raises(ValueError, match=r"reduction must be one of \['mean', 'global'\]"):
+        gradnorm_scores(tiny_llama, batches, reduction="sum")
+    with pytest.raises(ValueError, match="p must be 1, 2 or math.inf"):
+        gradnorm_scores(tiny_llama, batches, p=3)
+    with pytest.raises(ValueError, match="gradnorm_reduction must be one of"):
+        MIAEvaluator(forget, retain, gradnorm_reduction="max")
 
 
 def test_gradnorm_leaves_parameters_grads_and_mode_unchanged(memorised, tokenizer, tofu_slice):
@@ -195,6 +213,8 @@ def test_mia_on_memorised_model_separates_forget_from_unseen(
     likelihood_attacks = tuple(a for a in ATTACKS if a != "gradnorm")
     evaluator = MIAEvaluator(forget, unseen_authors, attacks=likelihood_attacks, ref_model=tiny_llama, batch_size=20)
     result = evaluator.evaluate(memorised, tokenizer)
+    eos = result.meta["mia"]["eos_scored"]
+    assert eos == {"loss": True, "zlib": True, "min_k": False, "min_k_plus_plus": False, "reference": True}
     # GradNorm costs a backward per example: 10 members against 10 non-members.
     grad = MIAEvaluator(forget.select(range(10)), unseen_authors.select(range(10)), attacks=("gradnorm",))
     result.update(grad.evaluate(memorised, tokenizer))
@@ -206,11 +226,12 @@ def test_mia_on_memorised_model_separates_forget_from_unseen(
     assert result.summary["mia/loss_auc"] > 0.9
     assert result.summary["mia/min_k_plus_plus_auc"] > 0.9
     assert result.summary["mia/gradnorm_auc"] > 0.9
-    # ZLib reads the answer: each score is the LOSS score over the answer's zlib length.
+    # ZLib reads the scored answer tokens decoded (" " + answer with this byte-level tokenizer): each score is the
+    # LOSS score over that text's zlib length.
     for loss, zl, answer in zip(
         result.per_example["mia/loss_members"], result.per_example["mia/zlib_members"], forget["answer"], strict=True
     ):
-        assert zl == pytest.approx(loss / len(zlib.compress(answer.encode("utf-8"))))
+        assert zl == pytest.approx(loss / len(zlib.compress(format_completion(answer).encode("utf-8"))))
 
 
 def test_mia_on_text_rows(tiny_llama, tokenizer):

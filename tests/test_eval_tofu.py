@@ -13,6 +13,7 @@ from erasus_hf.data.tofu import TOFUDataset, load_tofu, shared_tofu_dir
 from erasus_hf.evaluation.generation import greedy_generate, rouge_f1, rouge_recall
 from erasus_hf.evaluation.likelihood import truth_ratio, truth_ratio_score
 from erasus_hf.evaluation.result import EvaluationResult
+from erasus_hf.evaluation.suite import MetricSuite
 from erasus_hf.evaluation.tofu import TOFUEvaluator, forget_quality, harmonic_mean, normalised_probability
 
 GEN_TOKENS = 160
@@ -131,6 +132,40 @@ def test_greedy_generate_left_padding_and_recall(memorised, tokenizer, tofu_slic
     assert tokenizer.padding_side == "right"  # the training tokenizer is left as it was
     answer = greedy_generate(memorised, tokenizer, [prompts[0]], max_new_tokens=GEN_TOKENS)[0]
     assert answer == forget[0]["answer"].strip()
+
+
+def test_generation_stops_each_row_at_eos_and_the_batch_once_all_rows_have(_memorised, tokenizer, tofu_slice):
+    forget, _ = tofu_slice
+    rows = forget.select(range(4))  # answers of different lengths
+    prompts = [format_prompt(q) for q in rows["question"]]
+    lengths = [len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in rows["answer"]]
+    assert len(set(lengths)) > 1
+    calls = []
+    hook = _memorised.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = greedy_generate(_memorised, tokenizer, prompts, max_new_tokens=200, batch_size=4)
+    finally:
+        hook.remove()
+    # the memorised answers, nothing after each row's EOS (the shorter rows are padded while the longest finishes)
+    assert out == [a.strip() for a in rows["answer"]]
+    # one forward per new token until the longest answer's EOS, not 200
+    assert len(calls) == max(lengths) + 1
+
+
+def test_tofu_generation_settings_default_to_open_unlearning_and_pass_through_the_suite(
+    tiny_llama, tokenizer, tofu_slice
+):
+    forget, _ = tofu_slice
+    data = TOFUDataset(forget=forget.select(range(3)), forget_split="forget01")
+    evaluator = TOFUEvaluator(data, batch_size=16)
+    assert (evaluator.max_new_tokens, evaluator.generation_batch_size) == (200, 16)
+    result = MetricSuite(["tofu"], max_new_tokens=3, generation_batch_size=2).run(tiny_llama, tokenizer, tofu=data)
+    assert result.meta["tofu/generation"] == {"max_new_tokens": 3, "batch_size": 2, "greedy": True}
+    assert len(result.per_example["tofu/forget_rouge"]) == 3
+    with pytest.raises(ValueError, match="max_new_tokens is given twice"):
+        MetricSuite(["tofu"], options={"tofu": {"max_new_tokens": 5}}, max_new_tokens=3)
+    with pytest.raises(ValueError, match="generation_batch_size"):
+        TOFUEvaluator(data, generation_batch_size=0)
 
 
 # ---------------------------------------------------------------- the evaluator

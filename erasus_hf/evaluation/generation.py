@@ -39,10 +39,12 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuations of `prompts` (``model.generate(do_sample=False)``), batched with left padding.
 
-    Each prompt is tokenized as the models of this package were trained (``tokenizer(prompt)``, BOS included);
-    generation stops at EOS or after `max_new_tokens`. Returns, per prompt, the decoded NEW tokens only (special
-    tokens skipped, whitespace stripped). Under several processes the prompts are split between them
-    (``distributed.map_sharded``; pass ``sharded=False`` for a model sharded across processes).
+    Each prompt is tokenized as the models of this package were trained (``tokenizer(prompt)``, BOS included).
+    Each row ends at its first EOS (``tokenizer.eos_token_id``) or after `max_new_tokens`; a batch stops as soon as
+    every row has produced its EOS (``generate`` stops when no row is unfinished), so `max_new_tokens` is a cap, not
+    a length. Returns, per prompt, the decoded NEW tokens before the EOS (special tokens skipped, whitespace
+    stripped), as open-unlearning cuts its generations at the EOS. Under several processes the prompts are split
+    between them (``distributed.map_sharded``; pass ``sharded=False`` for a model sharded across processes).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string.")
@@ -71,11 +73,17 @@ def greedy_generate(
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-                new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-                outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+                new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
+                rows = [_until_eos(row, tokenizer.eos_token_id) for row in new_tokens]
+                outputs.extend(t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True))
         return outputs
 
     return map_sharded(generate_block, list(prompts), sharded=sharded)
+
+
+def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+    """`tokens` up to (not including) the first `eos_token_id` (what follows it in a batch is padding)."""
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
 
 
 @lru_cache(maxsize=1)

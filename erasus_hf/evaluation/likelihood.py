@@ -1,6 +1,7 @@
 """Batched answer likelihoods and the TOFU truth ratio (the TOFU evaluator builds on the truth ratio).
 
-P(answer | question) = exp(-mean token NLL over the answer tokens) (TOFU's length-normalised probability).
+P(answer | question) = exp(-mean token NLL over the answer tokens and the closing EOS) (TOFU's length-normalised
+probability; open-unlearning's ``evaluate_probability`` scores the EOS too).
 `answer_nll` scores with the objective's fused cross-entropy (no full-vocabulary log-softmax), the cheap path when
 only the NLL is needed; `scoring.token_stats` gives the fuller per-token statistics.
 """
@@ -30,7 +31,8 @@ def answer_nll(
     max_length: int = 512,
     desc: str | None = None,
 ) -> torch.Tensor:
-    """[N] mean token NLL of each answer given its question (prompt masked), in the unlearning collator's layout."""
+    """[N] mean token NLL of each answer given its question (prompt masked, the closing EOS scored), in the unlearning
+    collator's layout."""
     objective = CausalLMObjective()
     device = next(model.parameters()).device
     batches = qa_batches(tokenizer, questions, answers, batch_size, max_length)

@@ -1,7 +1,9 @@
 """Verbatim memorization of answers under teacher forcing: exact memorization and extraction strength.
 
 Both read the greedy predictions of one `token_stats` pass (`TokenStats.argmax` against `TokenStats.targets`), over
-the scored tokens (the answer tokens and the EOS of a QA row; every token after the first of a text row).
+the answer tokens of a QA row (the closing EOS left out by default, as open-unlearning's ``exact_memorization`` and
+``extraction_strength`` leave it out, ``src/evals/metrics/memorization.py``) or every token after the BOS of a text
+row.
 """
 
 from __future__ import annotations
@@ -17,27 +19,34 @@ from .result import EvaluationResult
 from .scoring import TokenStats, dataset_batches, row_format, token_stats
 
 
-def exact_memorization(stats: TokenStats) -> float:
-    """Exact memorization (Tirumala et al. 2022, arXiv:2205.10770; the open-unlearning `exact_memorization`): the
-    fraction of scored tokens y_t whose teacher-forced greedy prediction argmax_z p(z | y_<t) equals y_t."""
+def exact_memorization(stats: TokenStats, score_eos: bool = False) -> float:
+    """Exact memorization (Tirumala et al. 2022, arXiv:2205.10770; open-unlearning's `exact_memorization`): the
+    fraction of the answer tokens y_t whose teacher-forced greedy prediction argmax_z p(z | y_<t) equals y_t. The
+    closing EOS is left out unless `score_eos` (open-unlearning leaves it out)."""
+    stats = stats.scored(score_eos)
     return (stats.argmax == stats.targets).float().mean().item()
 
 
-def extraction_strength(stats: TokenStats) -> float:
-    """Extraction strength (open-unlearning's `extraction_strength`, after Carlini et al. 2021's extraction): with
-    teacher forcing, ES = 1 - k*/|y|, k* the smallest prefix length k in [0, |y|] such that the greedy prediction
-    reproduces y_t for every t >= k, i.e. how short a prefix of the answer is enough for the model to continue it
-    verbatim.
+def extraction_strength(stats: TokenStats, score_eos: bool = False, allow_empty_suffix: bool = False) -> float:
+    """Extraction strength (Carlini et al. 2021, used for unlearning by Wang et al. 2025, "Towards Effective
+    Evaluations and Comparisons for LLM Unlearning Methods", ICLR; open-unlearning's `extraction_strength`): with
+    teacher forcing, ES = 1 - k*/|y|, k* the smallest prefix length k such that the greedy prediction reproduces y_t
+    for every t >= k, i.e. how short a prefix of the answer is enough for the model to continue it verbatim. |y|
+    counts the answer tokens, the closing EOS left out unless `score_eos` (open-unlearning leaves it out).
 
-    So k* = 1 + the index of the last wrong prediction (0 when none is wrong). Edge cases: every token right -> ES = 1;
-    the last token wrong -> k* = |y|, ES = 0 (the empty suffix; open-unlearning's loop stops at k = |y| - 1 and gives
-    1/|y| there); only the first token wrong -> ES = 1 - 1/|y|.
+    So k* = 1 + the index of the last wrong prediction (0 when none is wrong). Every token right -> ES = 1; only the
+    first token wrong -> ES = 1 - 1/|y|. The last token wrong: open-unlearning's loop tries k = 0 .. |y| - 1 only, so
+    k* = |y| - 1 and ES = 1/|y| (the default, the reference's number; a one-token answer thus always gets 1);
+    `allow_empty_suffix=True` lets k* reach |y| (the empty suffix), ES = 0 there, the formula read literally.
     """
+    stats = stats.scored(score_eos)
     n = len(stats.targets)
     if n == 0:
         raise ValueError("extraction_strength needs at least one scored token.")
     wrong = torch.nonzero(stats.argmax != stats.targets)
     k_star = 0 if wrong.numel() == 0 else int(wrong.max()) + 1
+    if not allow_empty_suffix:
+        k_star = min(k_star, n - 1)
     return 1 - k_star / n
 
 
@@ -46,11 +55,18 @@ class MemorizationEvaluator:
     `answer`, or text rows with `text`), one `token_stats` pass per split.
 
     Summary: `{name}/{split}_exact_memorization`, `{name}/{split}_extraction_strength` (means over the split); the
-    per-example values under the same keys.
+    per-example values under the same keys. `score_eos` and `allow_empty_suffix` are those of the metric functions
+    (defaults: open-unlearning's numbers).
     """
 
     def __init__(
-        self, splits: Mapping[str, Dataset], batch_size: int = 32, max_length: int = 512, name: str = "memorization"
+        self,
+        splits: Mapping[str, Dataset],
+        batch_size: int = 32,
+        max_length: int = 512,
+        name: str = "memorization",
+        score_eos: bool = False,
+        allow_empty_suffix: bool = False,
     ) -> None:
         if not splits:
             raise ValueError("MemorizationEvaluator needs at least one split (name -> Dataset).")
@@ -62,12 +78,19 @@ class MemorizationEvaluator:
         self.batch_size = batch_size
         self.max_length = max_length
         self.name = name
+        self.score_eos = score_eos
+        self.allow_empty_suffix = allow_empty_suffix
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
         """Score every split. `reference` is unused (kept for the evaluator interface)."""
-        result = EvaluationResult(meta={self.name: {"splits": {s: len(d) for s, d in self.splits.items()}}})
+        meta = {
+            "splits": {s: len(d) for s, d in self.splits.items()},
+            "score_eos": self.score_eos,
+            "allow_empty_suffix": self.allow_empty_suffix,
+        }
+        result = EvaluationResult(meta={self.name: meta})
         for split, dataset in self.splits.items():
             stats = token_stats(
                 model,
@@ -75,8 +98,8 @@ class MemorizationEvaluator:
                 desc=f"{self.name}: {split}",
             )
             for metric, fn in (
-                ("exact_memorization", exact_memorization),
-                ("extraction_strength", extraction_strength),
+                ("exact_memorization", lambda s: exact_memorization(s, self.score_eos)),
+                ("extraction_strength", lambda s: extraction_strength(s, self.score_eos, self.allow_empty_suffix)),
             ):
                 values = [fn(s) for s in stats]
                 key = f"{self.name}/{split}_{metric}"

@@ -3,12 +3,21 @@
 Every score but GradNorm is a function of one example's teacher-forced `TokenStats` (see `scoring.py`), so one
 batched pass per set serves every attack at once. In unlearning, members are the forget set and non-members a
 holdout the model never trained on: an AUC near 0.5 after unlearning means the forget set looks unseen.
+
+Scored tokens, as open-unlearning's attacks (``src/evals/metrics/mia/``) score them on a QA row: LOSS, ZLib and
+Reference average the NLL over the answer tokens AND the closing EOS (``evaluate_probability``); Min-K%, Min-K%++ and
+GradNorm leave the EOS out (``tokenwise_logprobs``). Each score function takes ``score_eos`` with that default;
+``MIAEvaluator(score_eos=True/False)`` forces one choice for every attack. Text rows have no EOS: every token after
+the BOS is scored. Scores are signed so that higher = member (open-unlearning reports the negation and labels the
+holdout 1, which gives the same AUC).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +31,25 @@ from transformers.utils.logging import is_progress_bar_enabled
 from ..reference import eval_mode
 from .distributed import map_sharded
 from .result import EvaluationResult
-from .scoring import TokenStats, dataset_batches, row_format, scored_texts, token_stats
+from .scoring import TokenStats, dataset_batches, row_format, token_stats
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference")
 """The attacks `MIAEvaluator` runs, by name."""
+
+EOS_SCORED = {
+    "loss": True,
+    "zlib": True,
+    "reference": True,
+    "min_k": False,
+    "min_k_plus_plus": False,
+    "gradnorm": False,
+}
+"""Whether each attack scores the closing EOS of a QA row by default (open-unlearning's choice for that attack)."""
+
+GRADNORM_REDUCTIONS = ("mean", "global")
+
+MIN_K_PLUS_PLUS_MIN_VARIANCE = 1e-6
+"""Min-K%++ divides by sqrt(max(sigma^2, 1e-6)), as open-unlearning does (the paper's code divides by sigma)."""
 
 
 def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
@@ -37,75 +61,109 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> fl
     return float(roc_auc_score(labels, list(member_scores) + list(nonmember_scores)))
 
 
-def loss_score(stats: TokenStats) -> float:
+def loss_score(stats: TokenStats, score_eos: bool = True) -> float:
     """LOSS attack (Yeom et al. 2018, "Privacy Risk in Machine Learning", arXiv:1709.01604): minus the mean token
-    NLL of the scored tokens, `-mean_t(-log p(y_t | y_<t))`. Training lowers a member's loss."""
-    return -stats.nll
+    NLL, `-mean_t(-log p(y_t | y_<t))`. Training lowers a member's loss. The closing EOS is scored by default
+    (open-unlearning's ``LOSSAttack`` reads ``evaluate_probability``)."""
+    return -stats.scored(score_eos).nll
 
 
-def zlib_score(stats: TokenStats, text: str) -> float:
+def zlib_score(stats: TokenStats, text: str, score_eos: bool = True) -> float:
     """ZLib attack (Carlini et al. 2021, "Extracting Training Data from Large Language Models", USENIX Security):
     the ratio of the log-perplexity to the zlib entropy of the text, negated so that higher = member.
 
-    log-perplexity = the *mean* token NLL over the scored tokens (log of the perplexity exp(mean NLL)), as in the
-    paper's code (the log of the model's perplexity) and in the Min-K% / MIMIR / open-unlearning implementations;
-    zlib entropy = `len(zlib.compress(text.encode("utf-8")))` in bytes (default level). Score = -mean_NLL / zlib.
-    A text that compresses well (repetitive, low entropy) needs a lower loss to look like a member.
+    log-perplexity = the *mean* token NLL (log of the perplexity exp(mean NLL)), as in the paper's code and in the
+    Min-K% / MIMIR / open-unlearning implementations, the closing EOS scored by default (open-unlearning's
+    ``ZLIBAttack``); zlib entropy = `len(zlib.compress(text.encode("utf-8")))` in bytes (default level), `text` the
+    scored tokens decoded with special tokens skipped (what open-unlearning compresses; `MIAEvaluator` passes it; for
+    a text row it is the text). Score = -mean_NLL / zlib. A text that compresses well (repetitive, low entropy) needs
+    a lower loss to look like a member.
     """
     if not text:
         raise ValueError("zlib_score needs a non-empty text.")
-    return -stats.nll / len(zlib.compress(text.encode("utf-8")))
+    return -stats.scored(score_eos).nll / len(zlib.compress(text.encode("utf-8")))
 
 
-def min_k_score(stats: TokenStats, k: float = 0.4) -> float:
-    """Min-K% Prob (Shi et al. 2024, arXiv:2310.16789): the mean of the lowest k fraction of the token
-    log-probs (at least one token)."""
+def _check_k(k: float) -> None:
     if not 0 < k <= 1:
         raise ValueError(f"k is a fraction in (0, 1], got {k}")
-    n = max(1, int(len(stats.logprobs) * k))
-    return torch.topk(stats.logprobs, n, largest=False).values.mean().item()
 
 
-def min_k_plus_plus_score(stats: TokenStats, k: float = 0.4) -> float:
+def min_k_score(stats: TokenStats, k: float = 0.4, score_eos: bool = False) -> float:
+    """Min-K% Prob (Shi et al. 2024, arXiv:2310.16789): the mean of the lowest `max(1, int(n * k))` of the n token
+    log-probs. The closing EOS is left out by default, as open-unlearning's ``MinKProbAttack`` does; on text rows
+    every token after the BOS is scored, as MUSE's PrivLeak does."""
+    _check_k(k)
+    logprobs = stats.scored(score_eos).logprobs
+    n = max(1, int(len(logprobs) * k))
+    return torch.topk(logprobs, n, largest=False).values.mean().item()
+
+
+def min_k_plus_plus_score(stats: TokenStats, k: float = 0.4, score_eos: bool = False) -> float:
     """Min-K%++ (Zhang et al. 2024, arXiv:2404.02936): token scores (log p(y_t) - mu_t) / sigma_t, mu_t and sigma_t
     the mean and standard deviation of log p(z) for z drawn from the model's own next-token distribution; the mean
-    of the lowest k fraction."""
-    if not 0 < k <= 1:
-        raise ValueError(f"k is a fraction in (0, 1], got {k}")
-    token_scores = (stats.logprobs - stats.mean) / stats.std.clamp_min(1e-8)
+    of the lowest `max(1, int(n * k))`. As open-unlearning's ``MinKPlusPlusAttack``: the closing EOS left out by
+    default, sigma_t = sqrt(max(sigma_t^2, 1e-6)) (the paper's code has no floor; it only matters where the model
+    is near-certain)."""
+    _check_k(k)
+    stats = stats.scored(score_eos)
+    sigma = stats.std.square().clamp_min(MIN_K_PLUS_PLUS_MIN_VARIANCE).sqrt()
+    token_scores = (stats.logprobs - stats.mean) / sigma
     n = max(1, int(len(token_scores) * k))
     return torch.topk(token_scores, n, largest=False).values.mean().item()
 
 
-def reference_score(stats_target: TokenStats, stats_reference: TokenStats) -> float:
+def reference_score(stats_target: TokenStats, stats_reference: TokenStats, score_eos: bool = True) -> float:
     """Reference-model attack (Carlini et al. 2021 compare the target's perplexity with a smaller model's; the
     difference form is the likelihood-ratio calibration of Watson et al. 2022 / Mireshghallah et al. 2022, the "Ref"
     attack of MIMIR, MUSE and open-unlearning): `-(NLL_target - NLL_reference)`, both the mean token NLL of the same
-    example (same tokenizer), the reference a model that never saw the data. It calibrates away how easy the example
-    is for any model."""
-    return -(stats_target.nll - stats_reference.nll)
+    example (same tokenizer; the closing EOS scored by default, as open-unlearning's ``ReferenceAttack``), the
+    reference a model that never saw the data. It calibrates away how easy the example is for any model."""
+    return -(stats_target.scored(score_eos).nll - stats_reference.scored(score_eos).nll)
 
 
 def gradnorm_scores(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     desc: str | None = None,
+    score_eos: bool = False,
+    reduction: Literal["mean", "global"] = "mean",
+    p: float = 2.0,
 ) -> list[float]:
-    """GradNorm attack (as in MUSE / open-unlearning, after Wang et al. 2024, arXiv:2402.17012): minus the L2 norm
-    of the gradient of the example's mean token NLL with respect to all the model's parameters,
-    `-sqrt(sum_theta ||d NLL / d theta||^2)`. Members sit near a minimum of the loss, so their gradients are smaller.
+    """GradNorm attack (Wang et al. 2024, arXiv:2402.17012; as implemented in MIMIR and open-unlearning): minus the
+    size of the gradient of the example's mean token NLL with respect to the model's parameters. Members sit near a
+    minimum of the loss, so their gradients are smaller.
 
-    One forward and one backward per example (padding stripped from each collated row), in eval mode (no dropout);
-    the batches are split across processes when several run (`distributed.map_sharded`).
-    The gradients are taken with `torch.autograd.grad`, so no `.grad` is written; every parameter is made to require
-    grad for the call, and the training mode and the `requires_grad` flags are restored after, even on error.
-    (open-unlearning averages the per-tensor norms instead of taking one global norm; the ranking can differ.)
+    `reduction="mean"` (default, the reference): the mean over parameter tensors of each tensor's p-norm,
+    `-mean_theta ||d NLL / d theta||_p`, as MIMIR's and open-unlearning's ``GradNormAttack`` compute it (p = 2 in
+    open-unlearning's configs). `reduction="global"`: the p-norm of the whole gradient, `-||d NLL / d params||_p`,
+    the textbook gradient norm (not tied to how the parameters are split into tensors; the ranking can differ). The
+    NLL leaves the closing EOS out by default (open-unlearning's ``tokenwise_logprobs``).
+
+    One forward and one backward per example (padding stripped from each collated row); the batches are split across
+    processes when several run (`distributed.map_sharded`). Deliberate differences from open-unlearning, which do not
+    change the number for a model without dropout (Llama, Qwen, Mistral, ...): eval mode (open-unlearning switches the
+    model to train mode, so dropout would make its score random), and every parameter is made to require grad for
+    the call (open-unlearning takes the tensors that have a gradient, i.e. only the trainable ones; the same for a
+    fully trainable model). The gradients are taken with `torch.autograd.grad`, so no `.grad` is written; the
+    training mode and the `requires_grad` flags are restored after, even on error.
     """
-    per_batch = map_sharded(lambda block: _gradnorm_block(model, block, desc), list(batches))
+    if reduction not in GRADNORM_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(GRADNORM_REDUCTIONS)}, got {reduction!r}")
+    if p not in (1, 2, math.inf):
+        raise ValueError(f"p must be 1, 2 or math.inf (the norms open-unlearning allows), got {p}")
+    per_batch = map_sharded(lambda block: _gradnorm_block(model, block, desc, score_eos, reduction, p), list(batches))
     return [score for batch in per_batch for score in batch]
 
 
-def _gradnorm_block(model: nn.Module, batches: list[dict[str, torch.Tensor]], desc: str | None) -> list[list[float]]:
+def _gradnorm_block(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    desc: str | None,
+    score_eos: bool,
+    reduction: str,
+    norm_ord: float,
+) -> list[list[float]]:
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     device = params[0].device
@@ -128,10 +186,20 @@ def _gradnorm_block(model: nn.Module, batches: list[dict[str, torch.Tensor]], de
                     mask = targets != -100
                     if not mask.any():
                         raise ValueError("An example has no scored token (all labels are -100).")
+                    if not score_eos and "closing_eos" in batch and bool(batch["closing_eos"][b]):
+                        mask[mask.nonzero()[-1, 0]] = False  # the closing EOS, the last labelled position
+                        if not mask.any():
+                            raise ValueError(
+                                "An example has no scored token once its closing EOS is left out (an empty "
+                                "answer); drop the row or pass score_eos=True."
+                            )
                     nll = F.cross_entropy(logits[mask], targets[mask])
                     grads = torch.autograd.grad(nll, params, allow_unused=True)
-                    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
-                    out[-1].append(-torch.linalg.vector_norm(torch.stack(norms)).item())  # one sync per example
+                    norms = torch.stack(
+                        [torch.linalg.vector_norm(g.float(), ord=norm_ord) for g in grads if g is not None]
+                    )
+                    size = norms.mean() if reduction == "mean" else torch.linalg.vector_norm(norms, ord=norm_ord)
+                    out[-1].append(-size.item())  # one sync per example
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
@@ -142,11 +210,20 @@ class MIAEvaluator:
     """Membership-inference AUCs of telling `members` (the forget set) from `nonmembers` (a holdout never trained
     on), one per attack in `attacks` (names in `ATTACKS`; by default all of them, "reference" only with `ref_model`).
 
-    Rows are QA (`question`/`answer`: the answer is scored given the question, the ZLib text is the answer) or plain
-    text (`text`). One `token_stats` pass per set serves loss, zlib, min_k, min_k_plus_plus and reference (the
-    reference model `ref_model`, scored with the same tokenizer, gets its own pass); gradnorm runs one backward per
-    example. Summary: `{name}/{attack}_auc`; per example: `{name}/{attack}_members`, `{name}/{attack}_nonmembers`
-    (the scores, higher = member).
+    Rows are QA (`question`/`answer`: the answer is scored given the question) or plain text (`text`). One
+    `token_stats` pass per set serves loss, zlib, min_k, min_k_plus_plus and reference (the reference model
+    `ref_model`, scored with the same tokenizer, gets its own pass); gradnorm runs one backward per example. The ZLib
+    text is the scored tokens decoded without special tokens (open-unlearning's), i.e. `" " + answer` with the
+    package's byte-level tokenizers, the text itself for a text row. Summary: `{name}/{attack}_auc`; per example:
+    `{name}/{attack}_members`, `{name}/{attack}_nonmembers` (the scores, higher = member).
+
+    Args:
+        k: the Min-K% / Min-K%++ fraction (open-unlearning's TOFU and MUSE configs: 0.4).
+        score_eos: None (default) scores the closing EOS of a QA row where open-unlearning's attack does (loss,
+            zlib, reference; see `EOS_SCORED`) and leaves it out elsewhere (min_k, min_k_plus_plus, gradnorm);
+            True or False forces one choice for every attack.
+        gradnorm_reduction / gradnorm_p: `gradnorm_scores`' `reduction` and `p` (default: the reference's mean of
+            the per-tensor 2-norms).
     """
 
     def __init__(
@@ -159,6 +236,9 @@ class MIAEvaluator:
         batch_size: int = 32,
         max_length: int = 512,
         name: str = "mia",
+        score_eos: bool | None = None,
+        gradnorm_reduction: Literal["mean", "global"] = "mean",
+        gradnorm_p: float = 2.0,
     ) -> None:
         if attacks is None:  # every attack; "reference" only when there is a reference model
             attacks = tuple(a for a in ATTACKS if a != "reference" or ref_model is not None)
@@ -181,6 +261,14 @@ class MIAEvaluator:
             raise ValueError(f"k is a fraction in (0, 1], got {k}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if gradnorm_reduction not in GRADNORM_REDUCTIONS:
+            raise ValueError(
+                f"gradnorm_reduction must be one of {list(GRADNORM_REDUCTIONS)}, got {gradnorm_reduction!r}"
+            )
+        if gradnorm_p not in (1, 2, math.inf):
+            raise ValueError(f"gradnorm_p must be 1, 2 or math.inf, got {gradnorm_p}")
+        if score_eos is not None and not isinstance(score_eos, bool):
+            raise TypeError(f"score_eos must be None, True or False, got {score_eos!r}")
         row_format(members, "The members dataset")
         row_format(nonmembers, "The non-members dataset")
         self.members = members
@@ -191,6 +279,13 @@ class MIAEvaluator:
         self.batch_size = batch_size
         self.max_length = max_length
         self.name = name
+        self.score_eos = score_eos
+        self.gradnorm_reduction = gradnorm_reduction
+        self.gradnorm_p = gradnorm_p
+
+    def eos_scored(self, attack: str) -> bool:
+        """Whether `attack` scores the closing EOS of a QA row here (`score_eos`, else the reference's choice)."""
+        return EOS_SCORED[attack] if self.score_eos is None else self.score_eos
 
     def _batches(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Iterator[dict[str, torch.Tensor]]:
         return dataset_batches(dataset, tokenizer, self.batch_size, self.max_length)
@@ -202,22 +297,30 @@ class MIAEvaluator:
         stats = token_stats(model, self._batches(dataset, tokenizer), desc=desc)
         scores: dict[str, list[float]] = {}
         for attack in self.attacks:
+            eos = self.eos_scored(attack)
             if attack == "loss":
-                scores[attack] = [loss_score(s) for s in stats]
+                scores[attack] = [loss_score(s, eos) for s in stats]
             elif attack == "zlib":
-                texts = scored_texts(dataset)
-                scores[attack] = [zlib_score(s, t) for s, t in zip(stats, texts, strict=True)]
+                texts = [tokenizer.decode(s.targets.tolist(), skip_special_tokens=True) for s in stats]
+                scores[attack] = [zlib_score(s, t, eos) for s, t in zip(stats, texts, strict=True)]
             elif attack == "min_k":
-                scores[attack] = [min_k_score(s, self.k) for s in stats]
+                scores[attack] = [min_k_score(s, self.k, eos) for s in stats]
             elif attack == "min_k_plus_plus":
-                scores[attack] = [min_k_plus_plus_score(s, self.k) for s in stats]
+                scores[attack] = [min_k_plus_plus_score(s, self.k, eos) for s in stats]
             elif attack == "gradnorm":
                 batches = self._batches(dataset, tokenizer)
-                scores[attack] = gradnorm_scores(model, batches, desc=f"{desc} gradnorm")
+                scores[attack] = gradnorm_scores(
+                    model,
+                    batches,
+                    desc=f"{desc} gradnorm",
+                    score_eos=eos,
+                    reduction=self.gradnorm_reduction,
+                    p=self.gradnorm_p,
+                )
             elif attack == "reference":
                 batches = self._batches(dataset, tokenizer)
                 ref = token_stats(self.ref_model, batches, desc=f"{desc} reference model")
-                scores[attack] = [reference_score(s, r) for s, r in zip(stats, ref, strict=True)]
+                scores[attack] = [reference_score(s, r, eos) for s, r in zip(stats, ref, strict=True)]
         return scores
 
     def evaluate(
@@ -226,18 +329,18 @@ class MIAEvaluator:
         """AUC and per-example scores of every attack. `reference` is unused (kept for the evaluator interface)."""
         members = self._scores(model, tokenizer, self.members, "members")
         nonmembers = self._scores(model, tokenizer, self.nonmembers, "non-members")
-        result = EvaluationResult(
-            meta={
-                self.name: {
-                    "attacks": list(self.attacks),
-                    "k": self.k,
-                    "num_members": len(self.members),
-                    "num_nonmembers": len(self.nonmembers),
-                    "rows": row_format(self.members, "The members dataset"),
-                    "scores": "higher = member; AUC 0.5 = members indistinguishable from non-members",
-                }
-            }
-        )
+        meta = {
+            "attacks": list(self.attacks),
+            "k": self.k,
+            "eos_scored": {a: self.eos_scored(a) for a in self.attacks},
+            "num_members": len(self.members),
+            "num_nonmembers": len(self.nonmembers),
+            "rows": row_format(self.members, "The members dataset"),
+            "scores": "higher = member; AUC 0.5 = members indistinguishable from non-members",
+        }
+        if "gradnorm" in self.attacks:
+            meta["gradnorm"] = {"reduction": self.gradnorm_reduction, "p": self.gradnorm_p}
+        result = EvaluationResult(meta={self.name: meta})
         for attack in self.attacks:
             result.summary[f"{self.name}/{attack}_auc"] = auc(members[attack], nonmembers[attack])
             result.per_example[f"{self.name}/{attack}_members"] = members[attack]

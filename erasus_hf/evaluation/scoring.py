@@ -3,6 +3,22 @@
 One pass over a batch gives, for each scored token, its log-probability, the model's greedy prediction and the mean
 and standard deviation of log p under the model's own next-token distribution (Min-K%++). Metrics (truth ratio, MIA
 scores, exact memorization, ...) are functions of these, so a suite scores each example once.
+
+Which tokens a metric scores. A QA row is ``prompt + " " + answer + EOS`` (the training layout of
+``data.collator.QACollator``): its labelled tokens are the answer tokens and the closing EOS. A text row is
+``BOS + text`` with every token after the BOS labelled (no EOS). ``TokenStats`` holds every labelled token and marks
+the closing EOS (``closing_eos``); each metric then takes the tokens its reference implementation scores
+(open-unlearning, ``locuslab/open-unlearning``, ``src/evals/metrics/utils.py``):
+
+- Prob, truth ratio, LOSS, ZLib and Reference average the NLL over every labelled token, the EOS included
+  (open-unlearning's ``evaluate_probability``);
+- Min-K%, Min-K%++, GradNorm, exact memorization and extraction strength leave the closing EOS out
+  (open-unlearning's ``tokenwise_logprobs`` / ``tokenwise_vocab_logprobs``, "-1 to ignore eos prediction").
+
+``TokenStats.scored(score_eos)`` gives either view; each metric function takes ``score_eos`` with its reference's
+choice as the default. Text rows have no EOS, so every text token is scored: MUSE's own Min-K% (``swj0419/muse_bench``,
+``metrics/privleak.py``) scores every token after the BOS. (open-unlearning's "-1" drops the last labelled token
+whatever it is, so its port of MUSE's PrivLeak also drops the last real token of each text; we follow MUSE there.)
 """
 
 from __future__ import annotations
@@ -24,10 +40,12 @@ from .distributed import map_sharded
 
 @dataclass
 class TokenStats:
-    """One example's scored tokens (answer tokens of a QA row; every token after the first of a text).
+    """One example's labelled tokens (the answer tokens and closing EOS of a QA row; every token after the BOS of a
+    text row).
 
     `logprobs[t] = log p(y_t | y_<t)`, `targets[t] = y_t`, `argmax[t]` the model's greedy prediction at that
     position, `mean[t]` and `std[t]` the mean and standard deviation of log p(z) for z ~ p(. | y_<t).
+    `closing_eos` is True when the last token is the EOS closing a QA row (see the module doc); `scored` drops it.
     """
 
     logprobs: torch.Tensor
@@ -35,10 +53,24 @@ class TokenStats:
     argmax: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    closing_eos: bool = False
+
+    def scored(self, score_eos: bool) -> TokenStats:
+        """The tokens a metric scores: all of them with `score_eos`, else all but the closing EOS (if there is one).
+        Raises when no token is left (a QA row whose answer has no token)."""
+        if score_eos or not self.closing_eos:
+            return self
+        if len(self.targets) < 2:
+            raise ValueError(
+                "An example has no scored token once its closing EOS is left out (an empty answer); drop the row "
+                "or pass score_eos=True."
+            )
+        fields = (self.logprobs, self.targets, self.argmax, self.mean, self.std)
+        return TokenStats(*(f[:-1] for f in fields), closing_eos=False)
 
     @property
     def nll(self) -> float:
-        """Mean negative log-likelihood over the scored tokens."""
+        """Mean negative log-likelihood over all the tokens held (the closing EOS included)."""
         return -self.logprobs.mean().item()
 
 
@@ -49,13 +81,14 @@ def qa_batches(
     batch_size: int = 32,
     max_length: int = 512,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of question/answer rows in the training layout (prompt masked, EOS appended)."""
+    """Collated batches of question/answer rows in the training layout (prompt masked, EOS appended), each with a
+    `closing_eos` flag per row (see `mark_closing_eos`)."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
     collator = QACollator(tokenizer, max_length=max_length)
     rows = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     for start in range(0, len(rows), batch_size):
-        yield collator(rows[start : start + batch_size])
+        yield mark_closing_eos(collator(rows[start : start + batch_size]), tokenizer.eos_token_id)
 
 
 def text_batches(
@@ -68,7 +101,18 @@ def text_batches(
             tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
             for t in texts[start : start + batch_size]
         ]
-        yield collator([{"input_ids": i, "labels": i} for i in ids])
+        yield mark_closing_eos(collator([{"input_ids": i, "labels": i} for i in ids]), tokenizer.eos_token_id)
+
+
+def mark_closing_eos(batch: dict[str, torch.Tensor], eos_token_id: int | None) -> dict[str, torch.Tensor]:
+    """`batch` with `closing_eos` [B] (bool): whether each row's last labelled token is `eos_token_id`. True for a QA
+    row unless truncation cut its EOS off; False for a text row (unless the tokenizer itself appends EOS)."""
+    flags = []
+    for row in batch["labels"]:
+        labelled = row[row != -100]
+        flags.append(eos_token_id is not None and len(labelled) > 0 and int(labelled[-1]) == eos_token_id)
+    batch["closing_eos"] = torch.tensor(flags)
+    return batch
 
 
 def row_format(dataset: Dataset, what: str) -> str:
@@ -95,16 +139,12 @@ def dataset_batches(
     return text_batches(tokenizer, dataset["text"], batch_size, max_length)
 
 
-def scored_texts(dataset: Dataset) -> list[str]:
-    """The text each row's scored tokens come from: the answer of a QA row, the text of a text row."""
-    return list(dataset["answer"] if row_format(dataset, "The dataset") == "qa" else dataset["text"])
-
-
 def token_stats(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], desc: str | None = None
 ) -> list[TokenStats]:
     """TokenStats of every example of `batches` (collated causal-LM batches with `labels`), in order; the batches
-    are split across processes when several run (`distributed.map_sharded`)."""
+    are split across processes when several run (`distributed.map_sharded`). A batch's `closing_eos` (as
+    `qa_batches` / `text_batches` give) sets `TokenStats.closing_eos`; batches without it mark no EOS."""
     batches = list(batches)
     per_batch = map_sharded(
         lambda block: [
@@ -125,6 +165,7 @@ def _batch_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Token
         logits = model(**inputs).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != -100
+    closing_eos = batch.get("closing_eos")
     out = []
     for b in range(labels.shape[0]):
         scored = logits[b][mask[b]].float()
@@ -142,6 +183,7 @@ def _batch_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Token
                 argmax=scored.argmax(-1).cpu(),
                 mean=mean.cpu(),
                 std=var.clamp_min(0).sqrt().cpu(),
+                closing_eos=bool(closing_eos[b]) if closing_eos is not None else False,
             )
         )
     return out

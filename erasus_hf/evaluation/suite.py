@@ -75,10 +75,18 @@ class MetricSuite:
     Args:
         evaluators: names from `EVALUATORS` and/or evaluator objects.
         options: per-name keyword arguments for the named evaluators, e.g. `{"tofu": {"batch_size": 16}}`.
+        max_new_tokens: the most new tokens of a TOFU ROUGE generation (None: `TOFUEvaluator`'s default, 200 as
+            open-unlearning); shorthand for `options={"tofu": {"max_new_tokens": ...}}`.
+        generation_batch_size: prompts per `generate` call of the TOFU ROUGE generation (None: the TOFU
+            `batch_size`); shorthand for `options={"tofu": {"generation_batch_size": ...}}`.
     """
 
     def __init__(
-        self, evaluators: Sequence[str | Evaluator], options: dict[str, dict[str, Any]] | None = None
+        self,
+        evaluators: Sequence[str | Evaluator],
+        options: dict[str, dict[str, Any]] | None = None,
+        max_new_tokens: int | None = None,
+        generation_batch_size: int | None = None,
     ) -> None:
         if not evaluators:
             raise ValueError(f"MetricSuite needs at least one evaluator; valid names: {', '.join(EVALUATORS)}")
@@ -86,7 +94,16 @@ class MetricSuite:
         if unknown:
             raise ValueError(f"Unknown evaluator(s) {unknown}; valid names: {', '.join(EVALUATORS)}")
         self.evaluators = list(evaluators)
-        self.options = options or {}
+        self.options = {name: dict(kwargs) for name, kwargs in (options or {}).items()}
+        tofu = self.options.setdefault("tofu", {})
+        for key, value in (("max_new_tokens", max_new_tokens), ("generation_batch_size", generation_batch_size)):
+            if value is None:
+                continue
+            if key in tofu and tofu[key] != value:
+                raise ValueError(
+                    f"{key} is given twice, {value} and options['tofu'][{key!r}] = {tofu[key]}; give one."
+                )
+            tofu[key] = value
 
     def run(
         self,

@@ -2,11 +2,16 @@
 
 Per evaluation set (forget, retain, real_authors, world_facts; see ``erasus_hf.data.tofu.TOFUDataset``):
 
-- **Prob.** ``P(a | q) = exp(-mean token NLL of a)`` (length-normalised). Forget and retain: the mean of P of the
-  ``answer``. Real authors and world facts (multiple choice in spirit): the mean of
+- **Prob.** ``P(a | q) = exp(-mean token NLL of a)`` (length-normalised), the mean over the answer tokens and the
+  closing EOS (as open-unlearning's ``evaluate_probability``). Forget and retain: the mean of P of the ``answer``.
+  Real authors and world facts (multiple choice in spirit): the mean of
   ``P(answer) / (P(answer) + sum_j P(perturbed_j))``.
-- **ROUGE.** ROUGE-L recall of the greedy generation (prompt ``PROMPT_TEMPLATE``) against the ``answer``.
-- **Truth ratio.** ``TR = P_wrong / P_true``, ``P_wrong`` the geometric mean of the perturbed answers' P and
+- **ROUGE.** ROUGE-L recall of the greedy generation (prompt ``PROMPT_TEMPLATE``) against the ``answer``. As
+  open-unlearning's TOFU config (``configs/generation/default.yaml``): greedy, up to ``max_new_tokens`` = 200 new
+  tokens, each row stopping at its EOS, 32 prompts per ``generate`` call (TOFU's own code caps prompt + answer at
+  200 tokens, 30 per batch).
+- **Truth ratio.** ``TR = P_wrong / P_true`` (P as for Prob, EOS included), ``P_wrong`` the geometric mean of the
+  perturbed answers' P and
   ``P_true`` the paraphrased answer's P (the ``answer``'s on real authors / world facts, which have no paraphrase).
   Aggregate: ``mean(min(TR, 1/TR))`` on the forget set, ``mean(max(0, 1 - TR))`` on the others.
 - **Forget quality.** The p-value of the two-sample Kolmogorov-Smirnov test between the forget-set truth ratios of
@@ -88,8 +93,11 @@ class TOFUEvaluator:
 
     Args:
         data: the evaluation sets.
-        batch_size: examples per forward pass (likelihoods) and per ``generate`` call.
-        max_new_tokens: generation length for ROUGE.
+        batch_size: examples per forward pass (likelihoods) and, unless ``generation_batch_size`` is given, per
+            ``generate`` call (open-unlearning: 32 for both).
+        max_new_tokens: most new tokens of a ROUGE generation (open-unlearning: 200); each row stops at its EOS and a
+            batch stops once every row has.
+        generation_batch_size: prompts per ``generate`` call; None = ``batch_size``.
         max_length: token limit of a scored question + answer (longer ones are truncated on the right).
         name: prefix of the metric names.
         rouge: False skips the greedy generation and the ROUGE metrics (model utility then uses Prob and truth
@@ -100,21 +108,24 @@ class TOFUEvaluator:
         self,
         data: TOFUDataset,
         batch_size: int = 32,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = 200,
         max_length: int = 512,
         name: str = "tofu",
         rouge: bool = True,
+        generation_batch_size: int | None = None,
     ) -> None:
         if not isinstance(data, TOFUDataset):
             raise TypeError(f"data must be a TOFUDataset, got {type(data).__name__}")
-        if batch_size < 1 or max_new_tokens < 1 or max_length < 2:
+        generation_batch_size = batch_size if generation_batch_size is None else generation_batch_size
+        if min(batch_size, max_new_tokens, generation_batch_size) < 1 or max_length < 2:
             raise ValueError(
-                f"batch_size and max_new_tokens must be >= 1 and max_length >= 2; got {batch_size}, "
-                f"{max_new_tokens}, {max_length}"
+                "batch_size, max_new_tokens and generation_batch_size must be >= 1 and max_length >= 2; got "
+                f"{batch_size}, {max_new_tokens}, {generation_batch_size}, {max_length}"
             )
         self.data = data
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.generation_batch_size = generation_batch_size
         self.max_length = max_length
         self.name = name
         self.rouge = rouge
@@ -150,7 +161,7 @@ class TOFUEvaluator:
             tokenizer,
             [format_prompt(q) for q in questions],
             max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
+            batch_size=self.generation_batch_size,
             desc=f"TOFU {split}: generation",
         )
         scores["rouge"] = [rouge_recall(g, a) for g, a in zip(generations, answers, strict=True)]
@@ -162,6 +173,12 @@ class TOFUEvaluator:
         name = self.name
         reference_ratios = self._reference_ratios(reference)  # checked before the expensive passes
         result = EvaluationResult(meta={f"{name}/forget_split": self.data.forget_split})
+        if self.rouge:
+            result.meta[f"{name}/generation"] = {
+                "max_new_tokens": self.max_new_tokens,
+                "batch_size": self.generation_batch_size,
+                "greedy": True,
+            }
         for split, dataset in self.data.splits().items():
             scores = self.split_scores(model, tokenizer, split, dataset)
             ratios = torch.tensor(scores["truth_ratio"], dtype=torch.float64)
