@@ -30,7 +30,7 @@ class Preset:
     sft_batch_size: int = 16
     unlearn_epochs: int = 10
     batch_size: int = 8
-    max_new_tokens: int = 48
+    max_new_tokens: int = 200  # open-unlearning's TOFU generation length (answers stop at EOS)
     eval_batch_size: int = 32
     notes: str = field(default="", compare=False)
 
@@ -72,7 +72,6 @@ PRESETS = {
         sft_learning_rate=1e-3,
         sft_batch_size=32,
         batch_size=16,
-        max_new_tokens=96,
         notes="every author; for a GPU",
     ),
 }
