@@ -160,6 +160,7 @@ def erase(setup: DigitSetup, strategy: str, preset: Preset, output_dir: str | No
     lora_r = options.get("lora_r", 0)
     args = UnlearningConfig(
         output_dir=output_dir or tempfile.mkdtemp(prefix=f"digits_{strategy}_"),
+        divergence_factor=None,  # the table reports what each method does, a collapse included
         strategy=strategy,
         strategy_kwargs=kwargs,
         learning_rate=options.get("lr", 1e-3),

@@ -155,6 +155,7 @@ def measure(config: str, args: argparse.Namespace) -> dict:
         reference = {"naive": "copy", "full": "auto", "lora": "adapter"}[design]
         unlearning = UnlearningConfig(
             **common,
+            divergence_factor=None,  # a timing run: no stop on a runaway loss
             strategy=strategy,
             strategy_kwargs=kwargs,
             retain_loss=retain_loss,

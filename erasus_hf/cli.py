@@ -1,10 +1,16 @@
 """`erasus-hf`: the command line. Every command parses its dataclasses with `HfArgumentParser`, takes an optional
-YAML recipe (`--config`) whose values flags override, and documents every field in `--help`."""
+YAML recipe (`--config`) whose values flags override, and documents every field in `--help`.
+
+No secret leaves a command: the values of its `--*token` options are registered as secrets
+(`erasus_hf.redaction`), the card's reproducing command is redacted, every log record is redacted while the command
+runs, and an exception escaping it is scrubbed before it is printed."""
 
 from __future__ import annotations
 
 import shlex
 import sys
+
+from .redaction import redact, redact_argv, redact_exception, redacted_log_records, register_secret, secrets_in_argv
 
 COMMANDS = {
     "demo": "Offline demo: learn real TOFU authors from scratch, then unlearn two with NPO + LoRA.",
@@ -22,12 +28,22 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    register_secret(*secrets_in_argv(argv))
+    try:
+        with redacted_log_records():
+            return _run(argv)
+    except BaseException as err:  # SystemExit and KeyboardInterrupt too: their tracebacks are printed as well
+        redact_exception(err)
+        raise
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"erasus-hf: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(redact(f"erasus-hf: unknown command {command!r}\n\n{_usage()}"), file=sys.stderr)
         return 2
     from .scripts.parsing import make_parser, parse
 
@@ -41,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         from .scripts.unlearn import UnlearnArguments, run_unlearn
 
         parser = make_parser((UnlearnArguments, UnlearningConfig), "erasus-hf unlearn", COMMANDS["unlearn"])
-        run_unlearn(*parse(parser, rest), command=shlex.join(["erasus-hf", "unlearn", *rest]))
+        run_unlearn(*parse(parser, rest), command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
     elif command == "push":
-        from .scripts.push import PushArguments, positional_output_dir, run_push
+        from .scripts.push import HubUnreachableError, PushArguments, positional_output_dir, run_push
 
         (args,) = parse(make_parser((PushArguments,), "erasus-hf push", COMMANDS["push"]), positional_output_dir(rest))
-        print(run_push(args))
+        try:
+            print(redact(run_push(args)))
+        except HubUnreachableError as err:  # one line, not the HTTP client's traceback
+            print(redact(f"erasus-hf push: {err}"), file=sys.stderr)
+            return 1
     else:
         from .scripts.evaluate import EvaluateArguments, run_evaluate
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
+from .redaction import redact, redact_json, register_secret
+
 RETAIN_LOSSES = ("nll", "kl", "none")
 RETAIN_KL_POSITIONS = ("answer", "all")
 REFERENCE_MODES = ("auto", "adapter", "copy", "cached", "none")
+DIVERGENCE_FACTOR = 10.0  # see erasus_hf.divergence
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -70,6 +78,23 @@ class UnlearningConfig(TrainingArguments):
     pairing_seed: int | None = field(
         default=None, metadata={"help": "Seed of the retain-partner draw (defaults to `seed`)."}
     )
+    # transformers 5 removed TrainingArguments.overwrite_output_dir; this one is erasus_hf's own
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let this run replace another run saved in output_dir (its weights, configs, tokenizer files, "
+            "card and eval.json go when this run's model is saved; subfolders stay). Without it, an output_dir that "
+            "holds weights is refused when the trainer is built."
+        },
+    )
+    divergence_factor: float | None = field(
+        default=DIVERGENCE_FACTOR,
+        metadata={
+            "help": "Stop training with TrainingDivergedError (nothing saved) at the first step whose retain loss "
+            "(without a retain term: the forget loss) passes this multiple of its starting value, the start counted "
+            "as at least 1. None or 0 turns the check off."
+        },
+    )
 
     # Unlearning batches are nested ({"forget": ..., "retain": ...}); the Trainer must not drop their columns.
     remove_unused_columns: bool = field(
@@ -99,7 +124,61 @@ class UnlearningConfig(TrainingArguments):
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: unlearning batches are nested dicts.")
+        self._check_run_values()
+        self._check_divergence_factor()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per data loader
         if self.pairing_seed is None:
             self.pairing_seed = self.seed
+        register_secret(self.hub_token)
+
+    def _check_divergence_factor(self) -> None:
+        if self.divergence_factor == 0:
+            self.divergence_factor = None
+        if self.divergence_factor is not None and not (_finite(self.divergence_factor) and self.divergence_factor > 1):
+            raise ValueError(
+                f"divergence_factor must be a number > 1 (a multiple of the starting loss), or None/0 to turn the "
+                f"divergence check off; got {self.divergence_factor!r}. The default is {DIVERGENCE_FACTOR}."
+            )
+
+    def _check_run_values(self) -> None:
+        """Refuse values that give a run which silently does nothing or the wrong thing: a non-positive max_length
+        (a negative one cut tokens off every row), negative or non-finite loss weights, a zero learning rate or no
+        training steps (an unchanged model saved as if unlearned)."""
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length <= 0:
+            raise ValueError(
+                f"max_length must be a positive number of tokens (prompt + answer), got {self.max_length!r}; "
+                "the default is 512."
+            )
+        for name in ("forget_weight", "retain_weight"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise ValueError(
+                    f"{name} must be a finite number >= 0 (the weight of its loss term), got {value!r}; default 1."
+                )
+        if not _finite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(
+                f"learning_rate must be a finite number > 0, got {self.learning_rate!r}: at 0 the model would not "
+                "change and be saved as if unlearned. E.g. learning_rate=1e-5."
+            )
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"max_steps must be > 0 (a number of optimizer steps) or -1 (train num_train_epochs), got "
+                f"{self.max_steps!r}."
+            )
+        if self.max_steps < 0 and (not _finite(self.num_train_epochs) or self.num_train_epochs <= 0):
+            raise ValueError(
+                f"num_train_epochs must be a finite number > 0 (passes over the forget set), got "
+                f"{self.num_train_epochs!r}: nothing would be trained. Or set max_steps > 0."
+            )
+
+    # transformers masks the `*_token` fields in `to_dict` (so `to_json_string`: unlearning_config.json, the
+    # TensorBoard args) and in `str`; redaction also covers a token inside another field (`run_name`, ...), and the
+    # `repr` the dataclass decorator would generate shows every field verbatim.
+    def to_dict(self) -> dict[str, Any]:
+        return redact_json(super().to_dict())
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
+
+    __repr__ = __str__

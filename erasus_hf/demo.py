@@ -21,6 +21,7 @@ from datasets import Dataset, concatenate_datasets
 from .config import UnlearningConfig
 from .data.tofu import TOFUDataset, demo_splits, load_tofu
 from .evaluation import EvaluationResult, TOFUEvaluator, answer_nll
+from .redaction import redact, redact_json
 from .trainer import UnlearningTrainer
 
 
@@ -103,7 +104,7 @@ def measure(model, tokenizer, forget: Dataset, retain: Dataset, quiet: bool = Tr
     forget_nll = answer_nll(model, tokenizer, forget["question"], forget["answer"], desc=desc)
     retain_nll = answer_nll(model, tokenizer, retain["question"], retain["answer"], desc=desc)
     data = TOFUDataset(forget=forget, retain=retain, forget_split="demo")
-    tofu = TOFUEvaluator(data, max_new_tokens=96).evaluate(model, tokenizer).summary
+    tofu = TOFUEvaluator(data).evaluate(model, tokenizer).summary  # open-unlearning's generation settings
     return {
         "forget_nll": forget_nll.mean().item(),
         "retain_nll": retain_nll.mean().item(),
@@ -147,6 +148,7 @@ def run_demo(args: DemoArguments) -> dict:
 
     config = UnlearningConfig(
         output_dir=args.output_dir,
+        overwrite_output_dir=True,  # a rerun of the demo replaces its own earlier output
         strategy=args.strategy,
         use_peft=True,
         lora_r=args.lora_r,
@@ -189,7 +191,7 @@ def run_demo(args: DemoArguments) -> dict:
         "log_history": trainer.state.log_history,
     }
     with open(os.path.join(args.output_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(redact_json(report), f, indent=2)
     trainer.create_model_card(
         evaluation=EvaluationResult(summary={f"demo/{k}": v for k, v in after.items()}),
         command="erasus-hf demo" + (f" --strategy {args.strategy}" if args.strategy != "npo" else ""),
@@ -198,7 +200,9 @@ def run_demo(args: DemoArguments) -> dict:
     print()
     print(format_table(before, after))
     print(
-        f"\nWritten to {args.output_dir}: {', '.join(sorted(os.listdir(args.output_dir)))} "
-        f"({report['seconds']['total']:.0f} s in all)."
+        redact(
+            f"\nWritten to {args.output_dir}: {', '.join(sorted(os.listdir(args.output_dir)))} "
+            f"({report['seconds']['total']:.0f} s in all)."
+        )
     )
     return report

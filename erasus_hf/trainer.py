@@ -7,6 +7,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -23,8 +24,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -37,10 +36,15 @@ from transformers.utils.hub import PushInProgress
 from .config import UnlearningConfig
 from .data.collator import NestedCollator, QACollator, default_side_collator
 from .data.pairing import ForgetRetainDataset
+from .data.validation import check_qa_rows, to_dataset
+from .divergence import DivergenceCallback
 from .evaluation.result import EvaluationResult
 from .evaluation.suite import Evaluator, MetricSuite
+from .model_source import load_causal_lm
 from .objectives import Objective, get_objective
+from .output_folder import StagedSave, check_output_dir, non_finite_tensors, run_files, weight_files
 from .peft_utils import is_peft_model, prepare_peft
+from .redaction import redact, redact_json
 from .reference import (
     REFERENCE_ADAPTER,
     CachedReference,
@@ -50,6 +54,7 @@ from .reference import (
     sequence_logprobs,
     snapshot_adapter,
 )
+from .resume import checkpoint_to_resume, load_resume_state, save_resume_state
 from .strategies import Strategy, StrategyContext, get_strategy
 from .strategies.base import check_token_scores
 
@@ -57,13 +62,17 @@ logger = logging.getLogger(__name__)
 
 
 class _PairingEpochCallback(TrainerCallback):
-    """Redraw the retain partners at every epoch (accelerate does not always forward `set_epoch` to the dataset)."""
+    """Redraw the retain partners at every epoch (accelerate does not always forward `set_epoch` to the dataset).
+
+    The epoch that begins is the integer part of `state.epoch`: 1 at the start of epoch 1, and 1 again when a run
+    resumes from a checkpoint at epoch 1.67 (the Trainer sets `state.epoch = epoch + (step + 1) / steps_in_epoch`,
+    exactly the next integer after an epoch's last step). Rounding would pair the rest of epoch 1 as epoch 2."""
 
     def __init__(self, dataset: ForgetRetainDataset) -> None:
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(round(state.epoch or 0))
+        self.dataset.set_epoch(math.floor(state.epoch or 0))
 
 
 class UnlearningTrainer(Trainer):
@@ -122,10 +131,14 @@ class UnlearningTrainer(Trainer):
         args = args if args is not None else UnlearningConfig(output_dir="erasus_hf_output")
         if not isinstance(args, UnlearningConfig):
             raise TypeError(f"args must be an UnlearningConfig, got {type(args).__name__}")
-        if isinstance(model, str):
-            processing_class = processing_class or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(model)
+        check_output_dir(args.output_dir, args.overwrite_output_dir)  # one run per folder, refused before compute
+        # every check before any compute: hyperparameters (typed when the strategy is built), the data's containers,
+        # the model folder; the rows themselves in prepare_side, before tokenization and any reference pass
         self.strategy: Strategy = get_strategy(args.strategy, **args.strategy_kwargs)
+        forget_dataset = as_dataset(forget_dataset, "forget") if forget_dataset is not None else None
+        retain_dataset = as_dataset(retain_dataset, "retain") if retain_dataset is not None else None
+        if isinstance(model, (str, os.PathLike)):
+            model, processing_class = load_causal_lm(os.fspath(model), processing_class)
         self.objective: Objective = get_objective(objective, model)
         if self.objective.name not in self.strategy.objectives:
             raise ValueError(
@@ -176,16 +189,19 @@ class UnlearningTrainer(Trainer):
                 cacheable=getattr(self.objective, "cacheable_reference", True),
             )
         if ref_model is not None and self.reference_mode != "none":
-            check_same_vocabulary(starting_model, ref_model)
-        if self.reference_mode == "copy" and ref_model is None and reference is None:
-            ref_model = frozen_copy(starting_model)
+            check_reference_model(starting_model, ref_model)
 
         # the rows as given: one-shot strategies that re-read text (WHP's anchored terms, pipelines) use them
         self.forget_rows = self._with_alternates(forget_dataset, args.seed)
         self.retain_rows = as_dataset(retain_dataset) if retain_dataset is not None else None
-        forget = prepare_side(self.forget_rows, side_collator, "forget")
-        retain = prepare_side(retain_dataset, side_collator, "retain") if retain_dataset is not None else None
+        vocab_size = embedding_rows(starting_model) if isinstance(side_collator, QACollator) else None
+        forget = prepare_side(self.forget_rows, side_collator, "forget", vocab_size)
+        retain = None if retain_dataset is None else prepare_side(retain_dataset, side_collator, "retain", vocab_size)
         warn_overlap(forget, retain)
+        for side, what in ((forget, "forget"), (retain, "retain")):
+            warn_past_positions(starting_model, side, what, args.max_length)
+        if self.reference_mode == "copy" and ref_model is None and reference is None:
+            ref_model = frozen_copy(starting_model)  # after the data checks: no copy for a run that is refused
         train_dataset = ForgetRetainDataset(forget, retain, seed=args.pairing_seed)
         eval_pairs = (
             self._eval_pairs(eval_dataset, side_collator, forget, retain, args) if eval_dataset else train_dataset
@@ -202,6 +218,8 @@ class UnlearningTrainer(Trainer):
             optimizers=optimizers,
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if args.divergence_factor:  # reads the per-step training metrics stored above
+            self.add_callback(DivergenceCallback(args.divergence_factor, self._metrics["train"]))
         if evaluators is not None and not isinstance(evaluators, MetricSuite):
             evaluators = MetricSuite(evaluators)
         self.metric_suite: MetricSuite | None = evaluators
@@ -210,6 +228,8 @@ class UnlearningTrainer(Trainer):
             evaluation_reference = EvaluationResult.load(evaluation_reference)
         self.evaluation_reference: EvaluationResult | None = evaluation_reference
         self.last_evaluation: EvaluationResult | None = None
+        if self.metric_suite is not None:  # a reference of other rows is refused now, not after training steps
+            self.metric_suite.check(self.evaluation_reference, self.callback_handler.callbacks, **self.evaluation_data)
         self.reference: Reference | None = reference or self._build_reference(ref_model, had_adapter)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([*self._tag_names, self.strategy.name])
@@ -277,8 +297,18 @@ class UnlearningTrainer(Trainer):
 
     # ---- loss, evaluation, logging ----
 
-    def train(self, *args, **kwargs):
-        """Train; a one-shot strategy (task-vector negation, ...) applies its edit instead of a training loop."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Train; a one-shot strategy (task-vector negation, ...) applies its edit instead of a training loop.
+
+        `resume_from_checkpoint` (a checkpoint folder, or True for the newest complete one in `output_dir`: one the
+        run was killed while writing is skipped) continues the run that wrote it exactly: besides the Trainer's
+        weights, optimizer, scheduler, RNG and step, the strategy's state and the cached reference log-probs come
+        back from the checkpoint's `unlearning_state.safetensors` (`erasus_hf.resume`), read before any compute; a
+        checkpoint of another run is refused."""
+        resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None and not getattr(self.strategy, "one_shot", False):
+            load_resume_state(self, resume_from_checkpoint)  # before SalUn's setup: it reuses the run's mask
+        args = (resume_from_checkpoint, *args)
         if not getattr(self.strategy, "one_shot", False):
             setup = getattr(self.strategy, "setup", None)  # e.g. SalUn's saliency mask, from the forget set
             if setup is None:
@@ -292,6 +322,13 @@ class UnlearningTrainer(Trainer):
         check_finite_weights(self.accelerator.unwrap_model(self.model))
         self.log(dict(metrics))
         return TrainOutput(self.state.global_step, 0.0, metrics)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The Trainer's RNG states, then the unlearning run's own state (`erasus_hf.resume.save_resume_state`):
+        both are written in `_save_checkpoint` after the weights and before `trainer_state.json`, so a checkpoint
+        that the Trainer can resume from holds it (none with `save_only_model`, like the RNG states)."""
+        super()._save_rng_state(output_dir)
+        save_resume_state(self, output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ctx = StrategyContext(
@@ -547,13 +584,48 @@ class UnlearningTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write safetensors only: the adapter alone (not the reference snapshot), the merged model when
-        `merge_adapter`, or the full model; refuse to write non-finite weights."""
+        `merge_adapter`, or the full model.
+
+        Complete or absent (`erasus_hf.output_folder.StagedSave`): the files are written into a staging folder,
+        checked, then moved into `output_dir`; an interrupted, failed or refused save leaves `output_dir` as it was.
+        Refused: a NaN or an infinity in any tensor written (after merging, frozen weights included), and a folder
+        holding another run's weights unless `overwrite_output_dir` (that run's files are then replaced). Files
+        this run did not write stay (`checkpoint-*/`, `runs/`, `eval.json`, the card)."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        target = os.path.abspath(output_dir)
         model = self.accelerator.unwrap_model(self.model)
-        check_finite_weights(model)
-        os.makedirs(output_dir, exist_ok=True)
+        remove, carry = self._save_plan(target)
+        staged = StagedSave(target, remove=remove, carry=carry)
+        with staged as staging:
+            self._write_run(model, staging, state_dict)
+            bad = non_finite_tensors(staging)
+            if bad:
+                raise FloatingPointError(
+                    f"Refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}); {target} was left "
+                    "as it was. Lower the learning rate, or check the model before training (a NaN in a frozen "
+                    "weight reaches the file through merge_adapter)."
+                )
+        self.__dict__.setdefault("_saved_files", {})[target] = set(staged.written)
+
+    def _save_plan(self, target: str) -> tuple[list[str], list[str]]:
+        """(names to delete from `target` unless the save rewrites them, names to carry into the staging folder):
+        this trainer's earlier save there is replaced (its README.md, maybe our card by now, carried for PEFT to
+        update); another run's files are replaced only inside `output_dir` (`checkpoint-N`, the Trainer's own) or
+        with `overwrite_output_dir`, else refused."""
+        previous = self.__dict__.get("_saved_files", {}).get(target)
+        if previous is not None:
+            return sorted(previous), ["README.md"]
+        out = os.path.abspath(self.args.output_dir)
+        inside = target != out and os.path.commonpath([target, out]) == out
+        if not weight_files(target):
+            return [], ["README.md"]
+        if not inside:
+            check_output_dir(target, self.args.overwrite_output_dir)
+        return run_files(target), []
+
+    def _write_run(self, model: nn.Module, output_dir: str, state_dict: dict | None) -> None:
         if hasattr(self.objective, "save_model"):  # diffusion: the UNet LoRA or the trained tensors only
             self.objective.save_model(model, output_dir)
         elif is_peft_model(model) and self.args.merge_adapter:
@@ -573,9 +645,40 @@ class UnlearningTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "unlearning_config.json"), "w") as f:
-            f.write(self.args.to_json_string())
+            f.write(redact(self.args.to_json_string()))
         with open(os.path.join(output_dir, "strategy.json"), "w") as f:
-            json.dump({"name": self.strategy.name, "paper": self.strategy.paper, **self.strategy.hyperparameters}, f)
+            strategy = {"name": self.strategy.name, "paper": self.strategy.paper, **self.strategy.hyperparameters}
+            json.dump(redact_json(strategy), f)
+
+
+def warn_past_positions(model: nn.Module, side: Dataset | None, what: str, max_length: int) -> int:
+    """Warn when `max_length` exceeds the model's `max_position_embeddings` and rows of the (tokenized) side are
+    longer than that: they reach positions the model never saw (a learned position table fails on them). Return the
+    number of such rows."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if side is None or not isinstance(positions, int) or max_length <= positions:
+        return 0
+    if "input_ids" not in side.column_names:
+        return 0
+    lengths = [len(ids) for ids in side.with_format(None)["input_ids"]]
+    longer = [i for i, n in enumerate(lengths) if n > positions]
+    if longer:
+        warnings.warn(
+            f"max_length={max_length} exceeds the model's max_position_embeddings={positions}, and {len(longer)} "
+            f"{what} row(s) are longer (row {longer[0]}: {lengths[longer[0]]} tokens): they reach positions the model "
+            f"never saw. Set max_length={positions} to truncate them.",
+            stacklevel=3,
+        )
+    return len(longer)
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """The number of token ids the model's input embeddings accept (None when it has none)."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(embeddings, "num_embeddings", None)
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -636,16 +739,50 @@ def check_same_vocabulary(model: nn.Module, ref_model: nn.Module) -> None:
         )
 
 
-def as_dataset(data: Dataset | list[dict]) -> Dataset:
-    return data if isinstance(data, Dataset) else Dataset.from_list(list(data))
+# what a reference must share with the model for its log-probs, logits and hidden states to line up
+REFERENCE_CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_labels")
 
 
-def prepare_side(data: Dataset | list[dict], side_collator: Any, what: str) -> Dataset:
-    """A `datasets.Dataset` of the side, tokenized once up front when the collator can tokenize, checked for
-    emptiness and for rows with no scored token."""
-    dataset = as_dataset(data)
+def check_reference_model(model: nn.Module, ref_model: nn.Module) -> None:
+    """Refuse a `ref_model` that cannot be the starting model: another vocabulary, class, `model_type`, hidden size,
+    depth or label count (a shape error mid-step otherwise, or log-prob ratios between unrelated models)."""
+    check_same_vocabulary(model, ref_model)
+
+    def base(m: nn.Module) -> nn.Module:
+        return m.get_base_model() if is_peft_model(m) else m
+
+    model, ref_model = base(model), base(ref_model)
+    differences = []
+    if type(model).__name__ != type(ref_model).__name__:
+        differences.append(f"class {type(ref_model).__name__} vs {type(model).__name__}")
+    config, ref_config = getattr(model, "config", None), getattr(ref_model, "config", None)
+    for name in REFERENCE_CONFIG_FIELDS:
+        mine, theirs = getattr(config, name, None), getattr(ref_config, name, None)
+        if mine is not None and theirs is not None and mine != theirs:
+            differences.append(f"{name} {theirs!r} vs {mine!r}")
+    if differences:
+        raise ValueError(
+            f"ref_model is not the model's architecture (ref_model vs model: {', '.join(differences)}). The "
+            "reference is the starting model: pass a frozen copy of it, or leave ref_model=None to have one built "
+            "(UnlearningConfig.reference)."
+        )
+
+
+def as_dataset(data: Any, what: str = "dataset") -> Dataset:
+    """A side's rows as a `datasets.Dataset`; paths, dicts of columns, `DatasetDict`s and rows whose columns disagree
+    are refused with the fix (`erasus_hf.data.validation.to_dataset`)."""
+    return to_dataset(data, what)
+
+
+def prepare_side(data: Any, side_collator: Any, what: str, vocab_size: int | None = None) -> Dataset:
+    """A `datasets.Dataset` of the side, checked (rows a `QACollator` reads: text, or ids inside `vocab_size`; see
+    `check_qa_rows`), tokenized once up front when the collator can tokenize, checked for emptiness and for rows with
+    no scored token."""
+    dataset = as_dataset(data, what)
     if len(dataset) == 0:
         raise ValueError(f"The {what} set is empty.")
+    if isinstance(side_collator, QACollator):
+        check_qa_rows(dataset, what, side_collator.question_key, side_collator.answer_key, vocab_size)
     tokenize = getattr(side_collator, "tokenize", None)
     if tokenize is None:
         return dataset
@@ -686,6 +823,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def check_finite_weights(model: nn.Module) -> None:
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    """Refuse a model with a NaN or an infinity in any floating-point tensor of its state dict, frozen weights
+    included (what a full or merged save would write); saves check the files they write (`_save`)."""
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
     if bad:
         raise FloatingPointError(f"Refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -57,8 +58,21 @@ class ErasusUnlearner:
         }
 
     def fit(self, forget_data: Any, retain_data: Any | None = None, epochs: float = 3) -> UnlearningResult:
+        """Unlearn `forget_data` (keeping `retain_data`) for `epochs` passes over the forget set (or `max_steps`
+        optimizer steps when given to the constructor)."""
         from .trainer import UnlearningTrainer
 
+        if (
+            isinstance(epochs, bool)
+            or not isinstance(epochs, (int, float))
+            or not math.isfinite(epochs)
+            or epochs <= 0
+        ):
+            raise ValueError(
+                f"fit(epochs={epochs!r}): epochs must be a finite number > 0, the passes over the forget set (0 or "
+                "less would return the model unchanged, as if unlearned); for a step count pass max_steps=N to "
+                "ErasusUnlearner(...)."
+            )
         args = UnlearningConfig(num_train_epochs=epochs, **self.config_kwargs)
         trainer = UnlearningTrainer(
             self.model,

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from .tofu import _load_json_lines
+
 MUSE_HUB_IDS = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
 
 MUSE_PARTS = {
@@ -96,7 +98,7 @@ def load_muse_split(
             alias = GITHUB_SPLIT_NAMES.get((config, split))
             names = f"{config}/{split}.json" + (f" or {config}/{alias}.json" if alias else "")
             raise FileNotFoundError(f"MUSE split {config}/{split} not found: no {names} in {data_dir}. Files: {found}")
-        return load_dataset("json", data_files=str(path), split="train")
+        return _load_json_lines(path)  # an empty file is refused, naming it
     try:
         return load_dataset(hub_id, config, split=split)
     except OSError as err:  # ConnectionError when offline, FileNotFoundError for an unknown repo

@@ -12,7 +12,8 @@ class ForgetRetainDataset(Dataset):
     """Item i is `{"forget": forget[i] + {"index": offset + i}, "retain": retain[partner(i)]}`.
 
     Retain partners come from a seeded permutation drawn anew each epoch (`set_epoch`, which the Trainer's data
-    loader calls), so every retain example is used before any repeats and a run is reproducible. `index` lets a
+    loader calls), so every retain example is used before any repeats and a run is reproducible: the partners are a
+    function of (`seed`, epoch) alone, so a run resumed mid-epoch pairs as the interrupted one did. `index` lets a
     cached reference look up the forget example's log-prob (slot 0; a DPO-style `alternate` answer is slot 1);
     `index_offset` keeps indices of several forget sets apart.
     """

@@ -23,6 +23,12 @@ QA_PER_AUTHOR = 20
 
 
 def _load_json_lines(path: Path) -> Dataset:
+    with open(path, "rb") as file:  # an empty file makes the json builder raise a bare StopIteration
+        while chunk := file.read(1 << 16):
+            if chunk.strip():
+                break
+        else:
+            raise ValueError(f"{path} is empty: it holds no rows (one JSON row per line, or a JSON array of rows).")
     return load_dataset("json", data_files=str(path), split="train")
 
 

@@ -10,24 +10,34 @@ GradNorm leave the EOS out (``tokenwise_logprobs``). Each score function takes `
 ``MIAEvaluator(score_eos=True/False)`` forces one choice for every attack. Text rows have no EOS: every token after
 the BOS is scored. Scores are signed so that higher = member (open-unlearning reports the negation and labels the
 holdout 1, which gives the same AUC).
+
+Too little data. An empty side is refused (an AUC needs a member and a non-member); fewer than `MIN_ROWS_PER_SIDE`
+rows on a side draw a warning (with one row a side every AUC is 0, 0.5 or 1 whatever the model). Every AUC comes with a
+95% confidence interval (`auc_interval`): the percentile bootstrap of `scipy.stats.bootstrap`, 1000 resamples,
+seeded, members and non-members resampled separately (a stratified bootstrap, so that every resample holds both
+classes, as an AUC needs).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from scipy.stats import bootstrap, rankdata
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import is_progress_bar_enabled
 
+from ..data.fingerprint import describe_rows
 from ..reference import eval_mode
 from .distributed import map_sharded
 from .result import EvaluationResult
@@ -52,13 +62,88 @@ MIN_K_PLUS_PLUS_MIN_VARIANCE = 1e-6
 """Min-K%++ divides by sqrt(max(sigma^2, 1e-6)), as open-unlearning does (the paper's code divides by sigma)."""
 
 
+MIN_ROWS_PER_SIDE = 20
+"""Fewer rows than this on the member or the non-member side draw a warning: the AUC moves in steps of
+1 / (members x non-members) and its confidence interval spans much of [0, 1] (with 20 a side, a model that cannot
+tell the sides apart still gives an interval about 0.35 wide)."""
+
+BOOTSTRAP_RESAMPLES = 1000
+CI_LEVEL = 0.95
+CI_METHOD = "percentile bootstrap (scipy.stats.bootstrap), members and non-members resampled separately"
+
+
 def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
     """ROC AUC of telling members (label 1) from non-members (label 0) by score, higher = member
     (scikit-learn). 0.5 = indistinguishable."""
-    if not member_scores or not nonmember_scores:
-        raise ValueError("An AUC needs at least one member and one non-member.")
+    if len(member_scores) == 0 or len(nonmember_scores) == 0:
+        raise ValueError(
+            f"An AUC needs at least one member and one non-member; got {len(member_scores)} member and "
+            f"{len(nonmember_scores)} non-member scores."
+        )
     labels = [1] * len(member_scores) + [0] * len(nonmember_scores)
     return float(roc_auc_score(labels, list(member_scores) + list(nonmember_scores)))
+
+
+def _rank_auc(members: np.ndarray, nonmembers: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The AUC along `axis` of batched samples, by the Mann-Whitney rank sum (ties count one half, as
+    `roc_auc_score`): ``(R_members - m (m + 1) / 2) / (m n)``. Vectorised for `scipy.stats.bootstrap`."""
+    members, nonmembers = np.moveaxis(members, axis, -1), np.moveaxis(nonmembers, axis, -1)
+    m, n = members.shape[-1], nonmembers.shape[-1]
+    batch = np.broadcast_shapes(members.shape[:-1], nonmembers.shape[:-1])
+    both = [np.broadcast_to(members, (*batch, m)), np.broadcast_to(nonmembers, (*batch, n))]
+    ranks = rankdata(np.concatenate(both, axis=-1), axis=-1)
+    return (ranks[..., :m].sum(-1) - m * (m + 1) / 2) / (m * n)
+
+
+def auc_interval(
+    member_scores: Sequence[float],
+    nonmember_scores: Sequence[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> tuple[float, float]:
+    """(low, high): the `level` confidence interval of `auc`, by the percentile bootstrap of
+    `scipy.stats.bootstrap` with `resamples` resamples and the generator seeded with `seed`, members and non-members
+    resampled separately (`paired=False`: every resample keeps both sides' sizes, so both classes are present).
+
+    A side with a single row cannot be resampled (scipy needs two); the interval is then the whole (0.0, 1.0): one
+    row says nothing about how the AUC would vary."""
+    members, nonmembers = np.asarray(member_scores, dtype=float), np.asarray(nonmember_scores, dtype=float)
+    if len(members) == 0 or len(nonmembers) == 0:
+        raise ValueError("An AUC interval needs at least one member and one non-member.")
+    if len(members) < 2 or len(nonmembers) < 2:
+        return 0.0, 1.0
+    result = bootstrap(
+        (members, nonmembers),
+        _rank_auc,
+        n_resamples=resamples,
+        batch=100,
+        vectorized=True,
+        paired=False,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def interval_entry(low: float, high: float, resamples: int, seed: int, level: float = CI_LEVEL) -> dict[str, Any]:
+    """An `EvaluationResult.intervals` entry."""
+    return {"low": low, "high": high, "level": level, "method": CI_METHOD, "resamples": resamples, "seed": seed}
+
+
+def warn_few_rows(counts: Mapping[str, int], what: str) -> None:
+    """Warn when a side of `counts` (side name -> rows) has fewer than `MIN_ROWS_PER_SIDE` rows."""
+    few = {side: n for side, n in counts.items() if n < MIN_ROWS_PER_SIDE}
+    if few:
+        listed = ", ".join(f"{n} {side} row{'s' if n != 1 else ''}" for side, n in few.items())
+        warnings.warn(
+            f"{what}: only {listed} (fewer than {MIN_ROWS_PER_SIDE} a side): the AUC moves in coarse steps (with "
+            "one row a side it is 0, 0.5 or 1 whatever the model) and its confidence interval (result.intervals) "
+            "is wide; evaluate more rows.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def loss_score(stats: TokenStats, score_eos: bool = True) -> float:
@@ -215,7 +300,9 @@ class MIAEvaluator:
     `ref_model`, scored with the same tokenizer, gets its own pass); gradnorm runs one backward per example. The ZLib
     text is the scored tokens decoded without special tokens (open-unlearning's), i.e. `" " + answer` with the
     package's byte-level tokenizers, the text itself for a text row. Summary: `{name}/{attack}_auc`; per example:
-    `{name}/{attack}_members`, `{name}/{attack}_nonmembers` (the scores, higher = member).
+    `{name}/{attack}_members`, `{name}/{attack}_nonmembers` (the scores, higher = member); `intervals`: the 95%
+    confidence interval of every AUC (`auc_interval`); `rows`: `{name}/members`, `{name}/nonmembers` (counts and
+    fingerprints of the scored columns). An empty side is refused; fewer than `MIN_ROWS_PER_SIDE` rows a side warn.
 
     Args:
         k: the Min-K% / Min-K%++ fraction (open-unlearning's TOFU and MUSE configs: 0.4).
@@ -224,6 +311,7 @@ class MIAEvaluator:
             True or False forces one choice for every attack.
         gradnorm_reduction / gradnorm_p: `gradnorm_scores`' `reduction` and `p` (default: the reference's mean of
             the per-tensor 2-norms).
+        bootstrap_resamples / bootstrap_seed: the bootstrap of the AUC intervals (`auc_interval`: 1000, seed 0).
     """
 
     def __init__(
@@ -239,6 +327,8 @@ class MIAEvaluator:
         score_eos: bool | None = None,
         gradnorm_reduction: Literal["mean", "global"] = "mean",
         gradnorm_p: float = 2.0,
+        bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+        bootstrap_seed: int = 0,
     ) -> None:
         if attacks is None:  # every attack; "reference" only when there is a reference model
             attacks = tuple(a for a in ATTACKS if a != "reference" or ref_model is not None)
@@ -269,8 +359,18 @@ class MIAEvaluator:
             raise ValueError(f"gradnorm_p must be 1, 2 or math.inf, got {gradnorm_p}")
         if score_eos is not None and not isinstance(score_eos, bool):
             raise TypeError(f"score_eos must be None, True or False, got {score_eos!r}")
-        row_format(members, "The members dataset")
-        row_format(nonmembers, "The non-members dataset")
+        if bootstrap_resamples < 1:
+            raise ValueError(f"bootstrap_resamples must be >= 1, got {bootstrap_resamples}")
+        sides = (
+            (members, "members", "`members`: the forget set"),
+            (nonmembers, "non-members", "`nonmembers`: the holdout, `holdout=` of MetricSuite.run"),
+        )
+        for dataset, side, origin in sides:
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"Membership inference: the {side} dataset is empty ({origin}); an AUC needs rows on both sides."
+                )
+            row_format(dataset, f"The {side} dataset")
         self.members = members
         self.nonmembers = nonmembers
         self.attacks = attacks
@@ -282,6 +382,16 @@ class MIAEvaluator:
         self.score_eos = score_eos
         self.gradnorm_reduction = gradnorm_reduction
         self.gradnorm_p = gradnorm_p
+        self.bootstrap_resamples = bootstrap_resamples
+        self.bootstrap_seed = bootstrap_seed
+
+    def rows(self) -> dict[str, dict]:
+        """``{"{name}/members": ..., "{name}/nonmembers": ...}``: `describe_rows` over the columns scored."""
+        out = {}
+        for side, dataset in (("members", self.members), ("nonmembers", self.nonmembers)):
+            columns = ("question", "answer") if row_format(dataset, f"The {side} set") == "qa" else ("text",)
+            out[f"{self.name}/{side}"] = describe_rows(dataset, columns, f"MIA {side} set")
+        return out
 
     def eos_scored(self, attack: str) -> bool:
         """Whether `attack` scores the closing EOS of a QA row here (`score_eos`, else the reference's choice)."""
@@ -326,7 +436,10 @@ class MIAEvaluator:
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
-        """AUC and per-example scores of every attack. `reference` is unused (kept for the evaluator interface)."""
+        """AUC, its confidence interval and per-example scores of every attack. `reference` is unused (kept for the
+        evaluator interface)."""
+        warn_few_rows({"member": len(self.members), "non-member": len(self.nonmembers)}, "Membership inference")
+        rows = self.rows()
         members = self._scores(model, tokenizer, self.members, "members")
         nonmembers = self._scores(model, tokenizer, self.nonmembers, "non-members")
         meta = {
@@ -340,9 +453,13 @@ class MIAEvaluator:
         }
         if "gradnorm" in self.attacks:
             meta["gradnorm"] = {"reduction": self.gradnorm_reduction, "p": self.gradnorm_p}
-        result = EvaluationResult(meta={self.name: meta})
+        result = EvaluationResult(meta={self.name: meta}, rows=rows)
         for attack in self.attacks:
-            result.summary[f"{self.name}/{attack}_auc"] = auc(members[attack], nonmembers[attack])
+            key = f"{self.name}/{attack}_auc"
+            result.summary[key] = auc(members[attack], nonmembers[attack])
+            resamples, seed = self.bootstrap_resamples, self.bootstrap_seed
+            low, high = auc_interval(members[attack], nonmembers[attack], resamples, seed)
+            result.intervals[key] = interval_entry(low, high, resamples, seed)
             result.per_example[f"{self.name}/{attack}_members"] = members[attack]
             result.per_example[f"{self.name}/{attack}_nonmembers"] = nonmembers[attack]
         return result

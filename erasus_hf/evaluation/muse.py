@@ -20,7 +20,11 @@ arXiv:2407.06460): verbatim memorization, knowledge memorization and privacy lea
   retrained Llama-2 (``AUC_RETRAIN``: 0.4772 News, 0.5393 Books, flipped form), open-unlearning reads the retain
   model's evaluation logs (with a 0.5 fallback); here it is the reference run's ``{name}/privleak_auc`` and there is
   no fallback (PrivLeak is left out without a reference). Texts longer than ``max_length`` tokens are cut (MUSE
-  scores whole texts, open-unlearning cuts at 2048 tokens, the default here).
+  scores whole texts, open-unlearning cuts at 2048 tokens, the default here). The reference must have scored the
+  same forget and holdout texts (``result.rows["muse/privleak_forget"]`` / ``["muse/privleak_holdout"]``), checked
+  before any forward pass. ``privleak_auc`` comes with a 95% confidence interval (``result.intervals``; the
+  stratified percentile bootstrap of ``mia.auc_interval``), and fewer than ``mia.MIN_ROWS_PER_SIDE`` texts a side
+  draw a warning.
 
 Prompt format. MUSE's code writes ``"Question: {q}\\nAnswer: {a}\\n\\n"`` per example and ends the prompt with
 ``"Answer: "``. The models here are trained on ``PROMPT_TEMPLATE`` (``"Question: {q}\\nAnswer:"``) with the answer
@@ -35,10 +39,11 @@ from collections.abc import Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..data.fingerprint import describe_rows
 from ..data.formatting import format_completion, format_prompt
-from ..data.muse import MUSEDataset
+from ..data.muse import MUSE_PARTS, MUSEDataset
 from .generation import greedy_generate, rouge_f1, rouge_recall
-from .mia import auc, min_k_score
+from .mia import BOOTSTRAP_RESAMPLES, auc, auc_interval, interval_entry, min_k_score, warn_few_rows
 from .result import EvaluationResult
 from .scoring import text_batches, token_stats
 
@@ -98,7 +103,9 @@ class MUSEEvaluator:
     ``{name}/privleak_auc_flipped`` (``1 - privleak_auc``, the AUC MUSE reports) and ``{name}/privleak`` (MUSE's
     convention, see the module doc; only with a reference evaluation, the retain model's run, holding
     ``{name}/privleak_auc``); per-example logs under the same names for
-    the ROUGE scores and ``{name}/privleak_forget_min_k`` / ``{name}/privleak_holdout_min_k`` for the MIA scores.
+    the ROUGE scores and ``{name}/privleak_forget_min_k`` / ``{name}/privleak_holdout_min_k`` for the MIA scores;
+    ``rows["{name}/{part}"]`` the count and fingerprints of every part scored (``MUSE_PARTS``); ``intervals``
+    the confidence intervals of ``privleak_auc`` and ``privleak_auc_flipped``.
 
     Args:
         data: the MUSE splits.
@@ -107,6 +114,7 @@ class MUSEEvaluator:
         batch_size: examples per forward pass / ``generate`` call.
         max_length: token limit of a PrivLeak text (longer ones are truncated on the right).
         name: prefix of the metric names.
+        bootstrap_resamples / bootstrap_seed: the confidence interval of the PrivLeak AUC (`mia.auc_interval`).
     """
 
     def __init__(
@@ -118,6 +126,8 @@ class MUSEEvaluator:
         batch_size: int = 32,
         max_length: int = 2048,
         name: str = "muse",
+        bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+        bootstrap_seed: int = 0,
     ) -> None:
         if not isinstance(data, MUSEDataset):
             raise TypeError(f"data must be a MUSEDataset, got {type(data).__name__}")
@@ -130,8 +140,34 @@ class MUSEEvaluator:
         self.max_new_tokens_knowmem = max_new_tokens_knowmem
         self.k = k
         self.batch_size = batch_size
+        if bootstrap_resamples < 1:
+            raise ValueError(f"bootstrap_resamples must be >= 1, got {bootstrap_resamples}")
         self.max_length = max_length
         self.name = name
+        self.bootstrap_resamples = bootstrap_resamples
+        self.bootstrap_seed = bootstrap_seed
+
+    def rows(self) -> dict[str, dict]:
+        """``{"{name}/{part}": describe_rows(...)}`` for every part scored, over the columns it reads."""
+        return {
+            f"{self.name}/{part}": describe_rows(getattr(self.data, part), columns, f"MUSE {config}/{split}")
+            for part, (config, split, columns) in MUSE_PARTS.items()
+        }
+
+    def check_reference(self, reference: EvaluationResult | None, rows: dict[str, dict] | None = None) -> None:
+        """Raise unless `reference` can be PrivLeak's reference here (cheap: no forward pass): it holds
+        ``{name}/privleak_auc``, a usable one, and scored the same privleak forget and holdout texts."""
+        if reference is None:
+            return
+        auc_key = f"{self.name}/privleak_auc"
+        if auc_key not in reference.summary:
+            raise KeyError(
+                f"PrivLeak needs {auc_key!r} in the reference evaluation's summary; it has "
+                f"{sorted(reference.summary)}. Evaluate the retain model with MUSEEvaluator on the same data."
+            )
+        check_retain_auc(float(reference.summary[auc_key]))
+        names = [f"{self.name}/privleak_forget", f"{self.name}/privleak_holdout"]
+        reference.check_same_rows(rows or self.rows(), names, "PrivLeak")
 
     def verbmem(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[float]:
         """Per-prompt ROUGE-L F1 of the greedy continuation against ``gt``."""
@@ -174,14 +210,11 @@ class MUSEEvaluator:
     ) -> EvaluationResult:
         name = self.name
         auc_key = f"{name}/privleak_auc"
-        if reference is not None:  # checked before the expensive passes
-            if auc_key not in reference.summary:
-                raise KeyError(
-                    f"PrivLeak needs {auc_key!r} in the reference evaluation's summary; it has "
-                    f"{sorted(reference.summary)}. Evaluate the retain model with MUSEEvaluator on the same data."
-                )
-            check_retain_auc(float(reference.summary[auc_key]))
-        result = EvaluationResult(meta={f"{name}/corpus": self.data.corpus, f"{name}/min_k": self.k})
+        rows = self.rows()
+        self.check_reference(reference, rows)  # before the expensive passes
+        forget, holdout = self.data.privleak_forget, self.data.privleak_holdout
+        warn_few_rows({"privleak forget": len(forget), "privleak holdout": len(holdout)}, "MUSE PrivLeak")
+        result = EvaluationResult(meta={f"{name}/corpus": self.data.corpus, f"{name}/min_k": self.k}, rows=rows)
         logs = {
             "verbmem_forget_rouge_f1": self.verbmem(model, tokenizer),
             "knowmem_forget_rouge_recall": self.knowmem(model, tokenizer, "forget"),
@@ -191,13 +224,18 @@ class MUSEEvaluator:
             result.summary[f"{name}/{metric}"] = sum(values) / len(values)
             result.per_example[f"{name}/{metric}"] = values
 
-        forget_scores = self.min_k_scores(model, tokenizer, self.data.privleak_forget["text"])
-        holdout_scores = self.min_k_scores(model, tokenizer, self.data.privleak_holdout["text"])
+        forget_scores = self.min_k_scores(model, tokenizer, forget["text"])
+        holdout_scores = self.min_k_scores(model, tokenizer, holdout["text"])
         result.per_example[f"{name}/privleak_forget_min_k"] = forget_scores
         result.per_example[f"{name}/privleak_holdout_min_k"] = holdout_scores
         model_auc = auc(forget_scores, holdout_scores)
         result.summary[auc_key] = model_auc
         result.summary[f"{name}/privleak_auc_flipped"] = 1 - model_auc
+        low, high = auc_interval(forget_scores, holdout_scores, self.bootstrap_resamples, self.bootstrap_seed)
+        result.intervals[auc_key] = interval_entry(low, high, self.bootstrap_resamples, self.bootstrap_seed)
+        result.intervals[f"{name}/privleak_auc_flipped"] = interval_entry(
+            1 - high, 1 - low, self.bootstrap_resamples, self.bootstrap_seed
+        )
 
         if reference is None:
             result.meta[f"{name}/privleak_missing"] = (

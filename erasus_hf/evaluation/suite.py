@@ -3,21 +3,24 @@
 `MetricSuite(["tofu", "mia", "memorization"]).run(model, tokenizer, tofu=TOFUDataset.load("forget10"),
 holdout=holdout_rows, reference="retain_eval.json")` builds each named evaluator from the data given to `run`
 (evaluator objects can be passed instead of names), runs them, and merges their numbers. The saved JSON is the
-reference input of a later run's forget quality (TOFU) and PrivLeak (MUSE).
+reference input of a later run's forget quality (TOFU) and PrivLeak (MUSE). Every evaluator's reference check (an
+evaluator's optional `check_reference(reference)`: the reference scored the same rows, holds the numbers needed)
+runs before the first evaluator's forward pass, so a wrong reference costs no compute.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .result import EvaluationResult
+from .result import EvaluationResult, ReferenceRowsWarning
 
 EVALUATORS = ("tofu", "muse", "mia", "memorization")
 
@@ -122,15 +125,14 @@ class MetricSuite:
         that forget quality and PrivLeak compare against."""
         if isinstance(reference, (str, Path)):
             reference = EvaluationResult.load(reference)
-        if tofu is not None:
-            forget = forget if forget is not None else tofu.forget
-            retain = retain if retain is not None else getattr(tofu, "retain", None)
-        data = {"tofu": tofu, "muse": muse, "forget": forget, "retain": retain, "holdout": holdout}
+        evaluators = self.build(tofu=tofu, muse=muse, forget=forget, retain=retain, holdout=holdout)
+        self._check_references(evaluators, reference)  # every reference check before the first forward pass
         result = EvaluationResult(meta={"model": type(model).__name__, "evaluators": []})
-        for spec in self.evaluators:
-            evaluator = _build(spec, data, self.options) if isinstance(spec, str) else spec
+        for evaluator in evaluators:
             start = time.perf_counter()
-            part = evaluator.evaluate(model, tokenizer, reference=reference)
+            with warnings.catch_warnings():  # the evaluator checks its reference again: warned once, above
+                warnings.simplefilter("ignore", ReferenceRowsWarning)
+                part = evaluator.evaluate(model, tokenizer, reference=reference)
             part.meta[f"{evaluator.name}/seconds"] = round(time.perf_counter() - start, 3)
             result.update(part)
             result.meta["evaluators"].append(evaluator.name)
@@ -138,3 +140,44 @@ class MetricSuite:
         if "tofu/forget_quality" in summary and "tofu/model_utility" in summary:
             summary["combined_score"] = combined_score(summary["tofu/forget_quality"], summary["tofu/model_utility"])
         return result
+
+    def build(
+        self, *, tofu: Any = None, muse: Any = None, forget: Any = None, retain: Any = None, holdout: Any = None
+    ) -> list[Evaluator]:
+        """The evaluators `run` would run on this data (named ones built, objects as given); no forward pass."""
+        if tofu is not None:
+            forget = forget if forget is not None else tofu.forget
+            retain = retain if retain is not None else getattr(tofu, "retain", None)
+        data = {"tofu": tofu, "muse": muse, "forget": forget, "retain": retain, "holdout": holdout}
+        return [_build(spec, data, self.options) if isinstance(spec, str) else spec for spec in self.evaluators]
+
+    def check(
+        self,
+        reference: EvaluationResult | str | Path | None = None,
+        callbacks: Iterable[Any] = (),
+        **data: Any,
+    ) -> None:
+        """What `run` on `data` would refuse, refused now (the trainer calls it before training): the `reference`
+        of forget quality / PrivLeak, and the reference of every callback with a `check_rows(rows)` method (e.g.
+        `UnlearningEarlyStoppingCallback`), against the rows these evaluators would score. No forward pass."""
+        callbacks = [c for c in callbacks if callable(getattr(c, "check_rows", None))]
+        if reference is None and not callbacks:
+            return
+        if isinstance(reference, (str, Path)):
+            reference = EvaluationResult.load(reference)
+        evaluators = self.build(**data)
+        self._check_references(evaluators, reference)
+        rows: dict[str, dict] = {}
+        for evaluator in evaluators:
+            if callable(getattr(evaluator, "rows", None)):
+                rows.update(evaluator.rows())
+        for callback in callbacks:
+            callback.check_rows(rows)
+
+    @staticmethod
+    def _check_references(evaluators: Sequence[Evaluator], reference: EvaluationResult | None) -> None:
+        if reference is None:
+            return
+        for evaluator in evaluators:
+            if callable(getattr(evaluator, "check_reference", None)):
+                evaluator.check_reference(reference)

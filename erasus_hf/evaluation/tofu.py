@@ -16,7 +16,9 @@ Per evaluation set (forget, retain, real_authors, world_facts; see ``erasus_hf.d
   Aggregate: ``mean(min(TR, 1/TR))`` on the forget set, ``mean(max(0, 1 - TR))`` on the others.
 - **Forget quality.** The p-value of the two-sample Kolmogorov-Smirnov test between the forget-set truth ratios of
   the evaluated model and those of the reference (retain) model. TOFU's code tests ``1/TR``; the KS statistic and
-  p-value are unchanged by a strictly monotone transform of both samples, so testing TR gives the same number.
+  p-value are unchanged by a strictly monotone transform of both samples, so testing TR gives the same number. The
+  reference must have scored the same forget rows (the fingerprints of ``result.rows["tofu/forget"]``, over the
+  columns of ``TOFU_EVAL_COLUMNS``); another count or other rows are refused before any forward pass.
 - **Model utility.** The harmonic mean of the Prob, ROUGE and truth-ratio values of retain, real authors and world
   facts (9 numbers when all sets are evaluated).
 
@@ -35,8 +37,9 @@ from scipy.stats import ks_2samp
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..data.fingerprint import describe_rows
 from ..data.formatting import format_prompt
-from ..data.tofu import TOFUDataset
+from ..data.tofu import TOFU_EVAL_COLUMNS, TOFUDataset
 from .generation import greedy_generate, rouge_recall
 from .likelihood import truth_ratio, truth_ratio_score
 from .result import EvaluationResult
@@ -89,7 +92,8 @@ class TOFUEvaluator:
     Summary keys ``{name}/{split}_prob``, ``{name}/{split}_rouge``, ``{name}/{split}_truth_ratio`` (aggregates),
     ``{name}/forget_quality`` (only with a reference evaluation holding ``{name}/forget_truth_ratio``) and
     ``{name}/model_utility``; per-example keys ``{name}/{split}_prob``, ``{name}/{split}_rouge`` and
-    ``{name}/{split}_truth_ratio`` (the raw TR, what a later run's KS test reads).
+    ``{name}/{split}_truth_ratio`` (the raw TR, what a later run's KS test reads); ``rows["{name}/{split}"]`` the
+    count and fingerprints of each set scored (what a later run's reference check reads).
 
     Args:
         data: the evaluation sets.
@@ -171,8 +175,9 @@ class TOFUEvaluator:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
         name = self.name
-        reference_ratios = self._reference_ratios(reference)  # checked before the expensive passes
-        result = EvaluationResult(meta={f"{name}/forget_split": self.data.forget_split})
+        rows = self.rows()
+        reference_ratios = self._reference_ratios(reference, rows)  # checked before the expensive passes
+        result = EvaluationResult(meta={f"{name}/forget_split": self.data.forget_split}, rows=rows)
         if self.rouge:
             result.meta[f"{name}/generation"] = {
                 "max_new_tokens": self.max_new_tokens,
@@ -216,7 +221,18 @@ class TOFUEvaluator:
             )
         return result
 
-    def _reference_ratios(self, reference: EvaluationResult | None) -> list[float] | None:
+    def rows(self) -> dict[str, dict]:
+        """``{"{name}/{split}": describe_rows(...)}`` for every set, over the columns the metrics read."""
+        return {
+            f"{self.name}/{split}": describe_rows(dataset, TOFU_EVAL_COLUMNS[split], f"TOFU {split} set")
+            for split, dataset in self.data.splits().items()
+        }
+
+    def check_reference(self, reference: EvaluationResult | None) -> None:
+        """Raise unless `reference` can be forget quality's reference here (cheap: no forward pass)."""
+        self._reference_ratios(reference, self.rows())
+
+    def _reference_ratios(self, reference: EvaluationResult | None, rows: dict[str, dict]) -> list[float] | None:
         """The reference run's per-example forget truth ratios, or None when forget quality is not computed."""
         if reference is None or self.data.forget is None:
             return None
@@ -226,4 +242,11 @@ class TOFUEvaluator:
                 f"The reference evaluation used the forget split {reference_split!r}, this one "
                 f"{self.data.forget_split!r}; forget quality compares the same split."
             )
-        return reference.require(f"{self.name}/forget_truth_ratio", "forget quality")
+        ratios = reference.require(f"{self.name}/forget_truth_ratio", "forget quality")
+        reference.check_same_rows(rows, [f"{self.name}/forget"], "Forget quality")
+        if len(ratios) != rows[f"{self.name}/forget"]["count"]:
+            raise ValueError(
+                f"The reference's {self.name}/forget_truth_ratio log has {len(ratios)} values for "
+                f"{rows[f'{self.name}/forget']['count']} forget rows; the reference JSON is inconsistent."
+            )
+        return ratios

@@ -13,7 +13,6 @@ saving keeps ours through a later save as well.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -23,7 +22,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..data.fingerprint import forget_fingerprint
 from ..evaluation.result import EvaluationResult
+from ..redaction import redact
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "unlearning_card.md"
 
@@ -54,27 +55,6 @@ TRAINING_ARG_NAMES = (
 LORA_ARG_NAMES = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 BASE_TAGS = ("erasus-hf", "unlearning")
-
-
-def forget_fingerprint(rows: Iterable[Mapping[str, Any]]) -> str:
-    """SHA-256 (hex) of the canonical form of `rows` (a `datasets.Dataset` or a list of dicts).
-
-    Canonical form: each row as ``json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))``,
-    followed by a newline, rows in the given order, encoded as UTF-8. Key order inside a row does not matter; row
-    order does (the fingerprint names the exact sequence of rows a run trained on). Every column counts: fingerprint
-    the rows exactly as they were given to the trainer.
-    """
-    digest = hashlib.sha256()
-    count = 0
-    for index, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise TypeError(f"Row {index} of the forget set is a {type(row).__name__}, not a mapping of columns.")
-        line = json.dumps(dict(row), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        digest.update(line.encode("utf-8") + b"\n")
-        count += 1
-    if count == 0:
-        raise ValueError("The forget set is empty: there is nothing to fingerprint.")
-    return digest.hexdigest()
 
 
 def training_arguments(args: Any) -> dict[str, Any]:
@@ -112,6 +92,9 @@ def build_model_card(
     written); `evaluation`: one `EvalResult` per summary number goes into `model-index`; `reference_note`: what
     the evaluation was compared against (defaults to the result's `meta["reference"]`); `certification`: a formal
     guarantee, if one exists, quoted in the Limitations section.
+
+    No secret reaches the card: the whole rendered text goes through `erasus_hf.redaction.redact` (a `--hub_token`
+    or `HF_TOKEN=` in `command`, a token-shaped string in any field).
     """
     rows = list(forget_rows)
     fingerprint = forget_fingerprint(rows)
@@ -125,7 +108,7 @@ def build_model_card(
         model_name=title if eval_results else None,
         eval_results=eval_results,
     )
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
         title=title,
@@ -138,13 +121,14 @@ def build_model_card(
         retain_count=retain_count,
         base_model=base_model,
         is_adapter=is_adapter,
-        metrics=[(key, _format_number(value)) for key, value in (evaluation.summary.items() if evaluation else ())],
+        metrics=_metric_rows(evaluation),
         reference_note=_reference_note(evaluation, reference_note),
         missing=_missing_notes(evaluation),
         command=command,
         certification=certification,
         framework_versions=_framework_versions(),
     )
+    return ModelCard(redact(card.content))
 
 
 def write_model_card(card: ModelCard, output_dir: str | Path) -> Path:
@@ -152,14 +136,15 @@ def write_model_card(card: ModelCard, output_dir: str | Path) -> Path:
 
     Call it after `save_pretrained`: an existing README.md's metadata (PEFT's `library_name`, `pipeline_tag`,
     `base_model`, tags, ...) is merged in: our values win where both are set, the tags are the union (ours first).
-    Its body is replaced by ours. `card` itself is not modified.
+    Its body is replaced by ours. `card` itself is not modified. What is written is redacted
+    (`erasus_hf.redaction.redact`), the merged-in metadata included.
     """
     path = Path(output_dir) / "README.md"
     merged = ModelCard(card.content)
     if path.exists():
         _merge_metadata(merged.data, ModelCard.load(path).data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    merged.save(path)
+    ModelCard(redact(merged.content)).save(path)
     return path
 
 
@@ -231,6 +216,22 @@ def _table_rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
 def _cell(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _metric_rows(evaluation: EvaluationResult | None) -> list[tuple[str, str]]:
+    """(metric, value) rows of the evaluation table; a value with a confidence interval (`evaluation.intervals`)
+    reads ``0.62 (95% CI 0.51 to 0.73)``."""
+    if evaluation is None:
+        return []
+    rows = []
+    for key, value in evaluation.summary.items():
+        text = _format_number(value)
+        interval = evaluation.intervals.get(key)
+        if interval is not None:
+            low, high = _format_number(interval["low"]), _format_number(interval["high"])
+            text += f" ({float(interval.get('level', 0.95)):.0%} CI {low} to {high})"
+        rows.append((key, text))
+    return rows
 
 
 def _format_number(value: float) -> str:

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
 
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+DIFFUSION_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # erasus_hf.diffusion.saving
+DIFFUSION_TRAINED_WEIGHTS = "unet_erased.safetensors"
 
 # What we ship, matched against top-level file names (subfolders are never shipped).
 SHIP_PATTERNS = (
@@ -55,8 +57,9 @@ def files_to_push(output_dir: str, *, card: bool = True) -> list[str]:
     README.md out (a checkpoint folder's README.md is PEFT's generic card, not ours).
 
     Raises ValueError (FileNotFoundError for a missing folder) when the folder holds pickled files other than the
-    trainer's state, no safetensors weights, an adapter without `adapter_config.json`, shards without their index or
-    an index naming missing shards, or a safetensors/JSON file that does not parse.
+    trainer's state, no safetensors weights, the weights of two models (an adapter beside full weights, ...), an
+    adapter without `adapter_config.json`, shards without their index or an index naming missing shards, or a
+    safetensors/JSON file that does not parse.
     """
     if not os.path.isdir(output_dir):
         raise FileNotFoundError(f"No output folder at {output_dir!r}.")
@@ -83,6 +86,21 @@ def files_to_push(output_dir: str, *, card: bool = True) -> list[str]:
             )
     elif shards:
         raise ValueError(f"Sharded weights {shards} in {output_dir!r} but no {SHARD_INDEX} to tie them together.")
+    kinds = {  # one saved run per folder: two of these side by side are a stale run beside a new one
+        "LoRA adapter": [ADAPTER_WEIGHTS],
+        "full model": [MODEL_WEIGHTS],
+        "sharded full model": [SHARD_INDEX, *shards],
+        "diffusion LoRA": [DIFFUSION_LORA_WEIGHTS],
+        "trained UNet tensors": [DIFFUSION_TRAINED_WEIGHTS],
+    }
+    present = {kind: files for kind, files in kinds.items() if files[0] in names}
+    if len(present) > 1:
+        found = "; ".join(f"{kind}: {files}" for kind, files in present.items())
+        raise ValueError(
+            f"Refusing to push {output_dir!r}: it holds the weights of more than one model ({found}), so a reader "
+            "could load either. Keep one run per folder: save the run again with overwrite_output_dir=True (it "
+            "replaces the other run's files), or delete the stale weights and their config."
+        )
     if ADAPTER_WEIGHTS in names and "adapter_config.json" not in names:
         raise ValueError(f"{ADAPTER_WEIGHTS} in {output_dir!r} has no adapter_config.json next to it.")
     if not {ADAPTER_WEIGHTS, MODEL_WEIGHTS, SHARD_INDEX} & set(names):
@@ -137,11 +155,19 @@ def push_output(
 
     `token` defaults to the saved login or `HF_TOKEN`; `endpoint` to `HF_ENDPOINT` or huggingface.co. The folder is
     validated before any request. A Hub error (`HfHubHTTPError`) propagates with the repo named and a note that the
-    local folder is untouched; the token is never logged, written or put in a message.
+    local folder is untouched; the token is never logged, written or put in a message, and a folder whose files
+    hold it (a card quoting a command with `--hub_token`) is refused before any request.
     """
     files = files_to_push(output_dir, card=card)
+    token = token or get_token()  # what the client would send: the saved login or HF_TOKEN
     if token and commit_message and token in commit_message:
         raise ValueError("The commit message contains the Hub token; refusing to publish it.")
+    holding = [n for n in files if token and not n.endswith(".safetensors") and token.encode() in _read(output_dir, n)]
+    if holding:
+        raise ValueError(
+            f"Refusing to push {output_dir!r}: {holding} contain the Hub token. Remove it from them (a model card "
+            "written by erasus_hf.hub.write_model_card holds none) and push again."
+        )
     kind = "LoRA adapter" if ADAPTER_WEIGHTS in files else "model"
     api = HfApi(endpoint=endpoint, token=token)
     logger.info("Pushing %d files from %s to %s/%s: %s", len(files), output_dir, api.endpoint, repo_id, files)
@@ -164,12 +190,18 @@ def push_output(
     return info.commit_url
 
 
+def _read(folder: str, name: str) -> bytes:
+    with open(os.path.join(folder, name), "rb") as f:
+        return f.read()
+
+
 def create_model_repo(
     repo_id: str, *, private: bool | None = None, token: str | None = None, endpoint: str | None = None
 ) -> str:
     """Create the model repo `repo_id` if it does not exist (`private` applies only then) and return its full id
     (`namespace/name`: the Hub adds the token's user to a bare name). Token and endpoint default as in
     `push_output`; errors are explained the same way."""
+    token = token or get_token()
     api = HfApi(endpoint=endpoint, token=token)
     try:
         return api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id

@@ -45,7 +45,26 @@ class EvaluateArguments:
     muse_data_dir: str | None = field(default=None, metadata={"help": "Local MUSE folder; default: the Hub."})
     muse_corpus: str = field(default="news", metadata={"help": "MUSE corpus: news or books."})
     max_examples: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows of each split."})
-    batch_size: int = field(default=32, metadata={"help": "Examples per forward pass / generation batch."})
+    batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "Examples per forward pass, and per generation batch unless --generation_batch_size is set."
+        },
+    )
+    max_new_tokens: int = field(
+        default=200,
+        metadata={
+            "help": "Most new tokens of a TOFU ROUGE answer (greedy; each answer stops at its EOS and a batch once "
+            "every answer has). 200 = open-unlearning's TOFU setting; fewer cuts long answers and lowers ROUGE."
+        },
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts per generate call of the TOFU ROUGE generation (default: --batch_size; "
+            "open-unlearning uses 32). Greedy answers do not depend on it beyond float rounding."
+        },
+    )
     device: str | None = field(
         default=None, metadata={"help": "cuda, cpu, ...; default: this process's accelerator, else the CPU."}
     )
@@ -54,6 +73,9 @@ class EvaluateArguments:
 def load_model(path: str, base_model: str | None = None):
     """(model, tokenizer) from a full-model folder or a PEFT adapter folder (its base from `base_model` or the
     adapter config)."""
+    from ..model_source import check_model_source
+
+    check_model_source(path, base_model)  # a missing folder, a moved adapter base, no tokenizer: named, before loading
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         from peft import PeftConfig, PeftModel
 
@@ -72,8 +94,9 @@ def run_evaluate(args: EvaluateArguments) -> EvaluationResult:
     # one process per device under torchrun / accelerate launch; on CPU, gloo needs to be asked for explicitly
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
-    model, tokenizer = load_model(args.model, args.base_model)
-    model.to(args.device or state.device)
+    from ..model_source import check_model_source
+
+    check_model_source(args.model, args.base_model)  # named first; the model itself is loaded after the data checks
     data = {}
     if {"tofu", "mia", "memorization"} & set(args.benchmark):
         tofu = TOFUDataset.load(args.forget_split, data_dir=args.data_dir)
@@ -81,14 +104,32 @@ def run_evaluate(args: EvaluateArguments) -> EvaluationResult:
     if "mia" in args.benchmark:
         if args.holdout_split is None:
             raise ValueError("--benchmark mia needs --holdout_split: rows the model never trained on.")
-        holdout = load_tofu(args.holdout_split, data_dir=args.data_dir)
+        try:
+            holdout = load_tofu(args.holdout_split, data_dir=args.data_dir)
+        except ValueError as err:  # an empty file: name the option it came from
+            raise ValueError(f"--holdout_split {args.holdout_split!r} (the non-members of mia): {err}") from err
+        if len(holdout) == 0:
+            raise ValueError(
+                f"--holdout_split {args.holdout_split!r} (the non-members of mia) has no rows; membership inference "
+                "needs rows the model never trained on."
+            )
         data["holdout"] = holdout.select(range(min(len(holdout), args.max_examples or len(holdout))))
     if "muse" in args.benchmark:
         from ..data.muse import MUSEDataset
 
         data["muse"] = MUSEDataset.load(args.muse_corpus, data_dir=args.muse_data_dir)
     options = {name: {"batch_size": args.batch_size} for name in args.benchmark}
-    result = MetricSuite(args.benchmark, options=options).run(model, tokenizer, reference=args.reference, **data)
+    suite = MetricSuite(
+        args.benchmark,
+        options=options,
+        max_new_tokens=args.max_new_tokens,
+        generation_batch_size=args.generation_batch_size,
+    )
+    reference = EvaluationResult.load(args.reference) if args.reference else None
+    suite.check(reference, **data)  # a reference of other rows is refused before the model is loaded
+    model, tokenizer = load_model(args.model, args.base_model)
+    model.to(args.device or state.device)
+    result = suite.run(model, tokenizer, reference=reference, **data)
     result.meta.update(
         {
             "model_path": args.model,

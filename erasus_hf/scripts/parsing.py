@@ -1,5 +1,8 @@
 """One parsing convention for every `erasus-hf` command: `HfArgumentParser` over the command's dataclasses, an
-optional YAML recipe (`--config RECIPE.yaml`) whose values are defaults, and command-line flags that override them."""
+optional YAML recipe (`--config RECIPE.yaml`) whose values are defaults, and command-line flags that override them.
+
+The parsed values of every option named `...token` (from a flag or the recipe) are registered as secrets, and a
+parse error is redacted before it is printed (`erasus_hf.redaction`)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,18 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from ..redaction import redact, register_secret
+
+
+class RedactingArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose error message (`argument --max_steps: invalid int value: 'hf_...'`) is redacted."""
+
+    def error(self, message: str):
+        super().error(redact(message))
+
 
 def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) -> HfArgumentParser:
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser = RedactingArgumentParser(dataclass_types, prog=prog, description=description)
     parser.add_argument(
         "--config",
         default=None,
@@ -40,5 +52,19 @@ def parse(parser: HfArgumentParser, argv: list[str]) -> tuple[Any, ...]:
             if action.dest in values:
                 action.required = False
         parser.set_defaults(**values)
-    outputs = parser.parse_args_into_dataclasses(rest)
-    return tuple(outputs[: len(parser.dataclass_types)])
+    outputs = tuple(parser.parse_args_into_dataclasses(rest)[: len(parser.dataclass_types)])
+    for output in outputs:
+        register_secret(*(getattr(output, f.name) for f in dataclasses.fields(output) if f.name.endswith("token")))
+        check_strategy(output)
+    return outputs
+
+
+def check_strategy(arguments: Any) -> None:
+    """Build the strategy an `UnlearningConfig` names once, at parsing: an unknown name, an unknown hyperparameter or
+    one of the wrong type (recipe strings are converted by the declared type) fails before any data is read or model
+    trained, not after the starting model is built."""
+    from ..config import UnlearningConfig
+    from ..strategies import get_strategy
+
+    if isinstance(arguments, UnlearningConfig):
+        get_strategy(arguments.strategy, **arguments.strategy_kwargs)

@@ -22,6 +22,7 @@ from transformers import set_seed
 from ..config import UnlearningConfig
 from ..data.tofu import TOFUDataset, demo_splits, load_tofu
 from ..evaluation.suite import MetricSuite
+from ..redaction import redact
 from ..trainer import UnlearningTrainer
 
 
@@ -79,13 +80,22 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str | None = None) -> UnlearningTrainer:
     """Train, save the weights, evaluate with TOFU (eval.json) and write the model card; `command` (the command
-    line that ran this) goes into the card."""
+    line that ran this) goes into the card, redacted (no token reaches the card: `erasus_hf.redaction`)."""
+    from ..data.validation import check_qa_rows
     from ..demo import starting_model
+    from ..output_folder import check_output_dir
 
     set_seed(config.seed)  # the same LoRA initialisation on every process and in every run
     forget, retain, tofu = load_data(args)
     if args.eval_max_examples:
         tofu = tofu.select(args.eval_max_examples)
+    if args.run_evaluation and args.reference_eval:  # a reference of other rows is refused before any training
+        MetricSuite(["tofu"]).check(args.reference_eval, tofu=tofu)
+    # one run per folder and well-formed rows, refused before the starting model is trained into output_dir
+    check_output_dir(config.output_dir, config.overwrite_output_dir)
+    check_qa_rows(forget, "forget")
+    if retain is not None:
+        check_qa_rows(retain, "retain")
     model, tokenizer = starting_model(args.model_name_or_path, forget, retain, config.output_dir, seed=config.seed)
     in_training = config.eval_strategy != "no"
     trainer = UnlearningTrainer(
@@ -109,7 +119,7 @@ def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str |
             else ""
         )
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # `--resume_from_checkpoint`
     trainer.save_model()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     print(
@@ -126,5 +136,5 @@ def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str |
     datasets = None if args.dataset == "demo" else [args.dataset]
     trainer.create_model_card(evaluation=result, command=command, datasets=datasets)
     if trainer.args.should_save:
-        print(f"[rank {rank}] wrote {config.output_dir}: {', '.join(sorted(os.listdir(config.output_dir)))}")
+        print(redact(f"[rank {rank}] wrote {config.output_dir}: {', '.join(sorted(os.listdir(config.output_dir)))}"))
     return trainer

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import collections.abc
+import functools
 import inspect
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -72,10 +78,33 @@ class Strategy:
     # whether the forget loss reads per-token log-probs or the logits of the target tokens, not only sequence
     # log-likelihoods; objectives without them (CTC: `supports_token_scores = False`) cannot serve such a strategy
     token_level: ClassVar[bool] = False
+    # whether the strategy keeps state between optimizer steps (`state_dict`) that a resumed run must get back
+    stateful: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every strategy's `__init__` checks its hyperparameters against their annotations before it runs (see
+        `typed_hyperparameters`): one place for every strategy, user-defined ones included."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "__wrapped__"):
+            cls.__init__ = _typed_init(init)
 
     def prepare_model(self, model: nn.Module) -> None:
         """Called once before the optimizer is built; a method that trains only some parameters (e.g. RMU's chosen
         layers) sets `requires_grad` here. The default trains what the caller left trainable."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy keeps between optimizer steps (`stateful` strategies: PDU's dual variable, SalUn's
+        mask), as JSON values or tensors. `UnlearningTrainer` stores it in every checkpoint and gives it back to
+        `load_state_dict` on `train(resume_from_checkpoint=...)`, so a resumed run continues the same run. Empty for
+        strategies whose state follows from their hyperparameters, the step and the epoch (SCRUB's phase, RMU's
+        direction, l1_sparse's schedule): the Trainer restores those."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (called before training resumes)."""
+        if state:
+            raise ValueError(f"Strategy {self.name!r} keeps no state, but was given {sorted(state)}.")
 
     def alternate_answers(self, forget, seed: int) -> list[str] | None:
         """DPO-style methods return one alternate answer per forget row (the preferred y_alt); others None."""
@@ -127,6 +156,128 @@ class Strategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
         return f"{type(self).__name__}({args})"
+
+
+class _Unconvertible(ValueError):
+    """A value that does not fit an annotation (internal: turned into the message naming the hyperparameter)."""
+
+
+BOOL_STRINGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+SCALARS = (bool, int, float, str)
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """`value` as the annotated type: strings (from the command line or a YAML recipe, which reads `1e-3` as a
+    string) are converted once, numbers must be finite, an int is not a bool; annotations other than scalars, their
+    lists and dicts, and their unions with None are not checked (their `__init__` validates them)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and str in options:
+            return value
+        for option in options:
+            try:
+                return _convert(value, option)
+            except _Unconvertible:
+                continue
+        raise _Unconvertible(" or ".join(_describe(o) for o in options))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_STRINGS:
+            return BOOL_STRINGS[value.strip().lower()]
+        raise _Unconvertible("a bool (true or false)")
+    if annotation is int:
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise _Unconvertible("an int") from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Unconvertible("an int")
+    if annotation is float:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise _Unconvertible("a finite number") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise _Unconvertible("a finite number")
+        return float(number)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise _Unconvertible("a string")
+    if origin in (list, tuple, collections.abc.Sequence) and len(args) == 1 and args[0] in SCALARS:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise _Unconvertible(_describe(annotation))
+        return [_convert(v, args[0]) for v in value]
+    if origin in (dict, collections.abc.Mapping) and len(args) == 2 and all(a in SCALARS for a in args):
+        if not isinstance(value, collections.abc.Mapping):
+            raise _Unconvertible(_describe(annotation))
+        return {_convert(k, args[0]): _convert(v, args[1]) for k, v in value.items()}
+    return value
+
+
+def _describe(annotation: Any) -> str:
+    names = {bool: "a bool", int: "an int", float: "a finite number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    if typing.get_origin(annotation) is not None:  # list[int], dict[str, str]
+        return f"a {str(annotation).replace('typing.', '')}"
+    return f"a {getattr(annotation, '__name__', annotation)}"
+
+
+def typed_hyperparameters(owner: str, init: Callable, arguments: dict[str, Any]) -> dict[str, Any]:
+    """`arguments` of `init` converted to their annotated types (`_convert`); a value that does not fit raises a
+    ValueError naming the strategy, the hyperparameter, the value and the type it must have."""
+    hints = _hints(init)
+    checked = dict(arguments)
+    for name, value in arguments.items():
+        if name not in hints:
+            continue
+        try:
+            checked[name] = _convert(value, hints[name])
+        except _Unconvertible as err:
+            raise ValueError(
+                f"Strategy {owner!r}: hyperparameter {name!r} must be {err}, got {value!r} ({type(value).__name__}). "
+                f"Fix strategy_kwargs={{{name!r}: ...}}."
+            ) from None
+    return checked
+
+
+@functools.cache
+def _hints(init: Callable) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # an annotation that does not resolve: leave those values to the strategy
+        return {}
+    hints.pop("return", None)
+    return hints
+
+
+def _typed_init(init: Callable) -> Callable:
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked_init(self, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        values = {
+            name: value
+            for name, value in list(bound.arguments.items())[1:]
+            if signature.parameters[name].kind
+            in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        }
+        bound.arguments.update(typed_hyperparameters(getattr(self, "name", type(self).__name__), init, values))
+        init(*bound.args, **bound.kwargs)
+
+    return checked_init
 
 
 def check_token_scores(strategy: Strategy, objective: Objective, retain_loss_name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,13 @@ def _member(spec: MemberSpec | list) -> tuple[Strategy, float]:
         strategy, weight, kwargs = spec
     else:
         raise ValueError(f"An ensemble member is (name, weight) or (name, weight, hyperparameters), got {spec!r}")
-    return get_strategy(strategy, **(kwargs or {})), float(weight)
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise ValueError(f"An ensemble member's weight must be a finite number, got {spec[1]!r} in {spec!r}.")
+    return get_strategy(strategy, **(kwargs or {})), weight
 
 
 @register_strategy
@@ -54,6 +61,7 @@ class EnsembleStrategy(Strategy):
         self.needs_reference = frozenset().union(*(s.needs_reference for s, _ in self.members))
         self.uses_retain = any(s.uses_retain for s, _ in self.members)
         self.token_level = any(s.token_level for s, _ in self.members)
+        self.stateful = any(s.stateful for s, _ in self.members)  # e.g. PDU's dual variable
         self.objectives = tuple(
             o for o in self.members[0][0].objectives if all(o in s.objectives for s, _ in self.members)
         )
@@ -67,6 +75,19 @@ class EnsembleStrategy(Strategy):
 
     def reference_quantities(self, retain_loss_name: str) -> frozenset[str]:
         return frozenset().union(*(s.reference_quantities(retain_loss_name) for s, _ in self.members))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The members' states, keyed `{member name}.{key}`."""
+        return {f"{s.name}.{key}": value for s, _ in self.members for key, value in s.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        members = {s.name: s for s, _ in self.members}
+        unknown = sorted(key for key in state if key.partition(".")[0] not in members)
+        if unknown:
+            raise ValueError(f"Ensemble state for members it does not have: {unknown[:5]} (members: {list(members)})")
+        for name, strategy in members.items():
+            prefix = f"{name}."
+            strategy.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
 
     def prepare_model(self, model: nn.Module) -> None:
         for strategy, _ in self.members:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..objectives import Scores
@@ -48,8 +50,9 @@ class PDU(Strategy):
     accumulation changes nothing and the update lands where the authors' `on_step_end` callback puts it (the last
     step's update, which would affect nothing, is not applied). Steps with index < `warmup_steps` do not update
     lambda. Under `evaluate()` (`ctx.training` False) nothing is buffered or updated. Under torch.distributed the
-    step's mean is averaged across processes so that every process holds the same lambda. lambda lives on this
-    strategy object (not in checkpoints) and restarts at `initial_lambda` when a new run starts at step 0.
+    step's mean is averaged across processes so that every process holds the same lambda. lambda restarts at
+    `initial_lambda` when a new run starts at step 0; checkpoints carry lambda and the buffered step (`state_dict`),
+    so a resumed run applies the update the interrupted one was about to.
 
     Defaults are the authors' TOFU setting (open-unlearning `community/methods/PDU/run.sh`): initial lambda 100,
     dual step eta 5, gamma 1, lr 1e-5, 10 epochs; their TOFU epsilon was 0.3 for Llama-3 models, and the dual
@@ -63,6 +66,7 @@ class PDU(Strategy):
     name = "pdu"
     paper = "https://arxiv.org/abs/2506.05314"
     token_level = True  # the logit-margin forget loss; the "ga" and "npo" forget terms are sequence-level
+    stateful = True
 
     def __init__(
         self,
@@ -106,6 +110,19 @@ class PDU(Strategy):
         if self.forget_objective == "npo":
             return NPO().forget_loss(ctx, forget)
         return logit_margin_flattening(ctx.score(forget)).mean(), {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """lambda, the optimizer step whose retain violations are buffered, and those violations (float32)."""
+        buffer = torch.stack(self._buffer).float() if self._buffer else torch.zeros(0)
+        return {"dual": self.dual, "step": self._step, "buffer": buffer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"dual", "step", "buffer"}
+        if unknown or "dual" not in state:
+            raise ValueError(f"Not a PDU state: keys {sorted(state)} (expected 'dual', 'step', 'buffer').")
+        self.dual = float(state["dual"])
+        self._step = None if state.get("step") is None else int(state["step"])
+        self._buffer = list(state.get("buffer", torch.zeros(0)).float().unbind(0))
 
     def _advance(self, step: int) -> None:
         """Enter optimizer step `step`: apply the dual update of the buffered step if it is a new one."""

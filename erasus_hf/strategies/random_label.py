@@ -95,8 +95,11 @@ class SalUn(MaskedUpdates, RandomLabel):
         self._hooks = []
 
     def setup(self, trainer) -> dict[str, float]:
-        """Build the saliency mask from the forget set and restrict the updates to it (the trainer calls this)."""
+        """Build the saliency mask from the forget set and restrict the updates to it (the trainer calls this); on
+        resume, install the run's mask from the checkpoint instead (`load_state_dict`)."""
         self.teardown()
+        if self._resumed_masks is not None:
+            return {"salun_mask_fraction": self.install_masks(trainer, None)}
         batches = side_batches(
             trainer, trainer.train_dataset.forget, batch_size=trainer.args.per_device_train_batch_size
         )

@@ -40,6 +40,12 @@ class _RestoreMaskedOut(TrainerCallback):
             if outside.any():
                 self.frozen[name] = (params[name], outside, params[name].detach()[outside].clone())
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Take the values again once the Trainer has loaded a checkpoint's weights (on resume): the masked-out
+        entries of the run's starting model, whatever model the resumed trainer was given. A fresh run: no change."""
+        for name, (param, outside, _) in self.frozen.items():
+            self.frozen[name] = (param, outside, param.detach()[outside].clone())
+
     @torch.no_grad()
     def on_optimizer_step(self, args, state, control, **kwargs):
         for param, outside, values in self.frozen.values():
@@ -61,14 +67,42 @@ class MaskedUpdates:
     _hooks: list
     _restore: _RestoreMaskedOut | None = None
     _trainer = None
+    _resumed_masks: dict[str, torch.Tensor] | None = None
+    stateful = True  # the mask, built once from the starting model, is carried by checkpoints
 
-    def install_masks(self, trainer, masks: dict[str, torch.Tensor]) -> float:
-        """Restrict `trainer.model`'s updates to `masks` (parameter name -> 0/1 tensor); return the kept fraction."""
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The installed mask, `mask.{parameter name}` -> bool tensor."""
+        return {
+            f"mask.{name}": mask.detach().bool().cpu() for name, mask in (getattr(self, "masks", None) or {}).items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Keep a checkpoint's mask: the next `install_masks` (the strategy's `setup` on resume) installs it in place
+        of the one it is given, so the resumed run trains the run's own salient weights."""
+        unknown = sorted(key for key in state if not key.startswith("mask."))
+        if unknown:
+            raise ValueError(f"Not a saliency-mask state: keys {unknown[:5]} (expected 'mask.<parameter name>').")
+        self._resumed_masks = {key.removeprefix("mask."): mask for key, mask in state.items()} or None
+
+    def install_masks(self, trainer, masks: dict[str, torch.Tensor] | None) -> float:
+        """Restrict `trainer.model`'s updates to `masks` (parameter name -> 0/1 tensor); return the kept fraction.
+        After `load_state_dict`, the loaded mask is installed instead (`masks` may then be None)."""
         self.teardown()
         params = dict(trainer.model.named_parameters())
+        if self._resumed_masks is not None:
+            masks = {
+                name: mask.to(device=params[name].device, dtype=params[name].dtype) if name in params else mask
+                for name, mask in self._resumed_masks.items()
+            }
+            self._resumed_masks = None
+        if masks is None:
+            raise ValueError("install_masks needs the masks (None only after load_state_dict gave it a mask).")
         unknown = sorted(set(masks) - set(params))
         if unknown:
             raise ValueError(f"Saliency masks for parameters the model does not have: {unknown[:5]}")
+        wrong = [name for name, mask in masks.items() if mask.shape != params[name].shape]
+        if wrong:
+            raise ValueError(f"Saliency masks of another shape than their parameters: {wrong[:5]}")
         self.masks = masks
         self._hooks = [params[name].register_hook(lambda grad, m=mask: grad * m) for name, mask in masks.items()]
         self._restore = _RestoreMaskedOut(params, masks)

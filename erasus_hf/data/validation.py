@@ -1,0 +1,215 @@
+"""Refuse malformed forget/retain data before any compute, naming the side, the row, the column and the fix.
+
+`to_dataset` turns what a user passes as one side into a `datasets.Dataset` (refusing paths, dicts of columns,
+`DatasetDict`s and rows whose columns disagree); `check_qa_rows` checks the rows a causal-LM `QACollator` will read:
+raw question/answer text, or pre-tokenized ids that fit the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+# how each side is passed to `UnlearningTrainer`, for messages
+ARGUMENTS = {
+    "forget": "forget_dataset",
+    "retain": "retain_dataset",
+    "eval forget": "eval_dataset['forget']",
+    "eval retain": "eval_dataset['retain']",
+}
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def _argument(what: str) -> str:
+    return ARGUMENTS.get(what, what)
+
+
+def _type_name(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def to_dataset(data: Any, what: str = "dataset") -> Dataset:
+    """One side's rows as a `datasets.Dataset`: a `Dataset` as it is, a list of row dicts converted; anything else
+    (a path, a dict of columns, a `DatasetDict`, a streaming dataset) is refused with how to pass it."""
+    if isinstance(data, Dataset):
+        return data
+    where = f"The {what} set ({_argument(what)})"
+    if isinstance(data, (DatasetDict, IterableDatasetDict)):
+        splits = list(data)
+        raise ValueError(
+            f"{where} is a DatasetDict with splits {splits}; pass one split, e.g. "
+            f"{_argument(what).split('[')[0]}=dataset[{splits[0] if splits else 'train'!r}]."
+        )
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        loader = LOADERS.get(os.path.splitext(path)[1].lower(), "json")
+        raise ValueError(
+            f"{where} is a path, {path!r}, not a dataset: load the rows first, e.g. "
+            f"datasets.load_dataset({loader!r}, data_files={path!r})['train']."
+        )
+    if isinstance(data, IterableDataset):
+        raise ValueError(
+            f"{where} is a streaming IterableDataset; unlearning pairs and re-reads rows by index: materialise it, "
+            "e.g. Dataset.from_list(list(dataset))."
+        )
+    if isinstance(data, Mapping):
+        keys = list(data)
+        if keys and all(isinstance(v, (list, tuple)) for v in data.values()):
+            raise ValueError(f"{where} is a dict of columns {keys}; pass datasets.Dataset.from_dict(columns).")
+        raise ValueError(f"{where} is a single dict (columns {keys}); pass a list of rows, e.g. [row].")
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # a pandas DataFrame
+        raise ValueError(f"{where} is a {type(data).__name__}; pass datasets.Dataset.from_pandas(frame).")
+    try:
+        rows = None if isinstance(data, (bytes, bytearray)) else list(data)  # a list, or any iterable of rows
+    except TypeError:
+        rows = None
+    if rows is None:
+        raise TypeError(f"{where} must be a datasets.Dataset or a list of row dicts, got {type(data).__name__}.")
+    check_row_dicts(rows, what)
+    try:
+        return Dataset.from_list(rows)
+    except Exception as err:  # pyarrow's conversion errors (ArrowInvalid, ArrowTypeError) name no row
+        raise ValueError(f"{where}: its rows do not form one table ({type(err).__name__}: {err}).") from err
+
+
+def check_row_dicts(rows: list, what: str) -> None:
+    """Every row is a dict with the first row's columns, and each column holds one kind of value (None aside: text,
+    bytes, bools, numbers of any type, sequences, arrays and tensors, dicts), so the table `Dataset.from_list` builds
+    is the one the user meant (it keeps only the first row's keys)."""
+    where = f"The {what} set ({_argument(what)})"
+    columns: list[str] | None = None
+    kinds: dict[str, tuple[str, int, str]] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{where}: row {i} is a {type(row).__name__}, not a dict of column: value.")
+        if columns is None:
+            columns = list(row)
+        elif set(row) != set(columns):
+            raise ValueError(
+                f"{where}: row {i} has columns {sorted(row)}, row 0 has {sorted(columns)}; give every row the same "
+                "columns."
+            )
+        for column, value in row.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            if column not in kinds:
+                kinds[column] = (kind, i, _type_name(value))
+            elif kinds[column][0] != kind:
+                _, first_row, first_type = kinds[column]
+                raise ValueError(
+                    f"{where}: column {column!r} mixes types: row {first_row} holds {first_type}, row {i} "
+                    f"holds {_type_name(value)} ({value!r:.60}). Give the column one type."
+                )
+
+
+def check_qa_rows(
+    dataset: Dataset,
+    what: str,
+    question_key: str = "question",
+    answer_key: str = "answer",
+    vocab_size: int | None = None,
+) -> None:
+    """The rows a causal-LM `QACollator` reads: raw text (`question_key`, `answer_key` and a DPO-style `alternate`
+    answer, each a non-empty string) or pre-tokenized `input_ids` (with `labels` of the same length), every id inside
+    `[0, vocab_size)` and every label an id or -100. Raises ValueError naming the side, the row and the column."""
+    where = f"The {what} set ({_argument(what)})"
+    columns = dataset.column_names
+    rows = dataset.with_format(None)
+    if "input_ids" in columns:
+        if "alternate" in columns and question_key not in columns:
+            raise ValueError(
+                f"{where} is pre-tokenized (input_ids, no {question_key!r} column), but the strategy pairs each row "
+                "with a text 'alternate' answer (dpo, idk_dpo), which is tokenized after the row's question. Pass "
+                f"raw {question_key!r}/{answer_key!r} rows instead."
+            )
+        check_token_rows(rows, where, vocab_size)
+        return
+    missing = [c for c in (question_key, answer_key) if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{where} has columns {columns}, without {missing}: the collator reads raw text from {question_key!r} and "
+            f"{answer_key!r}, or pre-tokenized 'input_ids' (and 'labels'). Rename the columns "
+            "(dataset.rename_column) or set QACollator(question_key=..., answer_key=...)."
+        )
+    text_columns = [question_key, answer_key] + (["alternate"] if "alternate" in columns else [])
+    for column in text_columns:
+        for i, value in enumerate(rows[column]):
+            problem = None
+            if isinstance(value, (bytes, bytearray)):
+                problem = "is bytes, not text: decode it (value.decode('utf-8'))"
+            elif not isinstance(value, str):
+                problem = f"is {_type_name(value)}, not text (str)"
+            elif not value.strip():
+                problem = "is empty" + (
+                    ": an empty answer leaves only the closing EOS to train on" if column != question_key else ""
+                )
+            if problem:
+                raise ValueError(f"{where}: row {i}, column {column!r} {problem}. Fix or drop the row.")
+
+
+def check_token_rows(rows: Dataset, where: str, vocab_size: int | None) -> None:
+    """Pre-tokenized rows: non-empty integer `input_ids` inside the vocabulary, `labels` and `attention_mask` of the
+    same length, labels ids or -100."""
+    columns = rows.column_names
+    labels = rows["labels"] if "labels" in columns else None
+    masks = rows["attention_mask"] if "attention_mask" in columns else None
+    for i, ids in enumerate(rows["input_ids"]):
+        if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(t) for t in ids):
+            raise ValueError(
+                f"{where}: row {i}, column 'input_ids' must be a non-empty list of token ids, got {ids!r:.80}."
+            )
+        bad = [t for t in ids if not _in_vocabulary(t, vocab_size)]
+        if bad:
+            raise ValueError(
+                f"{where}: row {i}, column 'input_ids' holds token id {bad[0]}, outside the model's vocabulary "
+                f"[0, {vocab_size}). Tokenize with the model's own tokenizer (or resize its embeddings)."
+            )
+        if labels is not None and labels[i] is not None:
+            row_labels = labels[i]
+            if not isinstance(row_labels, (list, tuple)) or len(row_labels) != len(ids):
+                length = len(row_labels) if isinstance(row_labels, (list, tuple)) else _type_name(row_labels)
+                raise ValueError(
+                    f"{where}: row {i}, column 'labels' has {length} entries, input_ids has {len(ids)}: labels are "
+                    "per input token (-100 where not scored), the shift happens in the loss."
+                )
+            wrong = [t for t in row_labels if t != -100 and not _in_vocabulary(t, vocab_size)]
+            if wrong:
+                raise ValueError(
+                    f"{where}: row {i}, column 'labels' holds {wrong[0]!r}: a label is a token id in "
+                    f"[0, {vocab_size}) or -100 (not scored)."
+                )
+        if masks is not None and masks[i] is not None and len(masks[i]) != len(ids):
+            raise ValueError(
+                f"{where}: row {i}, column 'attention_mask' has {len(masks[i])} entries, input_ids has {len(ids)}."
+            )
+
+
+def _kind(value: Any) -> str:
+    """A value's kind, coarse enough that what Arrow stores as one column type is one kind (an int beside a float,
+    a numpy scalar beside a Python number, a list beside an array)."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, numbers.Number):
+        return "number"
+    if isinstance(value, Mapping):
+        return "dict"
+    if isinstance(value, (list, tuple)) or hasattr(value, "shape"):  # lists, numpy arrays, tensors
+        return "sequence"
+    return type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_vocabulary(token: Any, vocab_size: int | None) -> bool:
+    return _is_int(token) and token >= 0 and (vocab_size is None or token < vocab_size)
