@@ -135,8 +135,8 @@ class UnlearningTrainer(Trainer):
         # every check before any compute: hyperparameters (typed when the strategy is built), the data's containers,
         # the model folder; the rows themselves in prepare_side, before tokenization and any reference pass
         self.strategy: Strategy = get_strategy(args.strategy, **args.strategy_kwargs)
-        forget_dataset = as_dataset(forget_dataset, "forget") if forget_dataset is not None else None
-        retain_dataset = as_dataset(retain_dataset, "retain") if retain_dataset is not None else None
+        forget_dataset = to_dataset(forget_dataset, "forget") if forget_dataset is not None else None
+        retain_dataset = to_dataset(retain_dataset, "retain") if retain_dataset is not None else None
         if isinstance(model, (str, os.PathLike)):
             model, processing_class = load_causal_lm(os.fspath(model), processing_class)
         self.objective: Objective = get_objective(objective, model)
@@ -193,7 +193,7 @@ class UnlearningTrainer(Trainer):
 
         # the rows as given: one-shot strategies that re-read text (WHP's anchored terms, pipelines) use them
         self.forget_rows = self._with_alternates(forget_dataset, args.seed)
-        self.retain_rows = as_dataset(retain_dataset) if retain_dataset is not None else None
+        self.retain_rows = retain_dataset  # already a Dataset (to_dataset above)
         vocab_size = embedding_rows(starting_model) if isinstance(side_collator, QACollator) else None
         forget = prepare_side(self.forget_rows, side_collator, "forget", vocab_size)
         retain = None if retain_dataset is None else prepare_side(retain_dataset, side_collator, "retain", vocab_size)
@@ -249,7 +249,7 @@ class UnlearningTrainer(Trainer):
 
     def _with_alternates(self, data: Dataset | list[dict], seed: int) -> Dataset:
         """The forget rows, with the strategy's alternate answers (DPO-style methods) as an `alternate` column."""
-        dataset = as_dataset(data)
+        dataset = to_dataset(data)
         alternates = self.strategy.alternate_answers(dataset, seed)
         if alternates is None or "alternate" in dataset.column_names:
             return dataset
@@ -768,17 +768,11 @@ def check_reference_model(model: nn.Module, ref_model: nn.Module) -> None:
         )
 
 
-def as_dataset(data: Any, what: str = "dataset") -> Dataset:
-    """A side's rows as a `datasets.Dataset`; paths, dicts of columns, `DatasetDict`s and rows whose columns disagree
-    are refused with the fix (`erasus_hf.data.validation.to_dataset`)."""
-    return to_dataset(data, what)
-
-
 def prepare_side(data: Any, side_collator: Any, what: str, vocab_size: int | None = None) -> Dataset:
     """A `datasets.Dataset` of the side, checked (rows a `QACollator` reads: text, or ids inside `vocab_size`; see
     `check_qa_rows`), tokenized once up front when the collator can tokenize, checked for emptiness and for rows with
     no scored token."""
-    dataset = as_dataset(data, what)
+    dataset = to_dataset(data, what)
     if len(dataset) == 0:
         raise ValueError(f"The {what} set is empty.")
     if isinstance(side_collator, QACollator):
