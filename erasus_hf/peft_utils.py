@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import os
+
+from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from .config import UnlearningConfig
+
+# the frozen snapshot of an arrived adapter that serves as the reference (`erasus_hf.reference.snapshot_adapter`)
+REFERENCE_ADAPTER = "erasus_reference"
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -42,3 +50,23 @@ def prepare_peft(
     if peft_config is None:
         return model, None, False
     return get_peft_model(model, peft_config), "default", False
+
+
+def save_weights(
+    model: nn.Module, output_dir: str, adapter_name: str | None, merge_adapter: bool, state_dict: dict | None = None
+) -> None:
+    """Write `model`'s weights as safetensors: with PEFT the trainable adapter alone (never the reference snapshot),
+    or the merged model with `merge_adapter`; a `PreTrainedModel` through `save_pretrained`; any other module's state
+    dict as `model.safetensors`."""
+    if is_peft_model(model) and merge_adapter:
+        merged = copy.deepcopy(model)
+        if REFERENCE_ADAPTER in merged.peft_config:
+            merged.delete_adapter(REFERENCE_ADAPTER)
+        merged.merge_and_unload().save_pretrained(output_dir)
+    elif is_peft_model(model):
+        model.save_pretrained(output_dir, state_dict=state_dict, selected_adapters=[adapter_name])
+    elif isinstance(model, PreTrainedModel):
+        model.save_pretrained(output_dir, state_dict=state_dict)
+    else:
+        state_dict = state_dict if state_dict is not None else model.state_dict()
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(output_dir, "model.safetensors"))

@@ -11,14 +11,14 @@ Three ways to answer, one interface (a strategy never knows which it got):
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .objectives import Objective, Scores
-
-REFERENCE_ADAPTER = "erasus_reference"
+from .peft_utils import REFERENCE_ADAPTER  # noqa: F401  (re-exported: the name the reference adapter has)
 
 
 class Reference:
@@ -65,6 +65,18 @@ class CachedReference(Reference):
         if torch.isnan(value).any():
             raise ValueError("No cached reference log-prob for some examples of this batch.")
         return value
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that runs its own weights.
+
+    Some trainers patch `model.forward` on the instance with a closure over the original model (TRL's SFTTrainer
+    does, for its fused LM head); a deep copy would keep calling the original, so the "frozen" reference would move
+    with the policy. The copy falls back to its class's forward.
+    """
+    ref = copy.deepcopy(model)
+    ref.__dict__.pop("forward", None)
+    return ref
 
 
 @contextlib.contextmanager

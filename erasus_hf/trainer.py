@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,20 +42,20 @@ from .evaluation.suite import Evaluator, MetricSuite
 from .model_source import load_causal_lm
 from .objectives import Objective, get_objective
 from .output_folder import StagedSave, check_output_dir, non_finite_tensors, run_files, weight_files
-from .peft_utils import is_peft_model, prepare_peft
+from .peft_utils import is_peft_model
 from .redaction import redact, redact_json
 from .reference import (
-    REFERENCE_ADAPTER,
     CachedReference,
     ModelReference,
     Reference,
     active_adapter,
+    frozen_copy,
     sequence_logprobs,
     snapshot_adapter,
 )
 from .resume import checkpoint_to_resume, load_resume_state, save_resume_state
 from .strategies import Strategy, StrategyContext, get_strategy
-from .strategies.base import check_token_scores
+from .strategies.registry import check_token_scores
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +170,7 @@ class UnlearningTrainer(Trainer):
         starting_model = model
         set_seed(args.seed)  # the adapter's initialisation follows the run's seed, whatever ran before
         # an objective may add its adapter its family's own way (diffusion: `unet.add_adapter`, no PeftModel)
-        prepare = getattr(self.objective, "prepare_peft", None) or prepare_peft
-        model, self._adapter_name, had_adapter = prepare(
-            model, args, peft_config, task_type=self.objective.peft_task_type
-        )
+        model, self._adapter_name, had_adapter = self.objective.prepare_peft(model, args, peft_config)
         self.strategy.prepare_model(model)
         if reference is not None and self.strategy.reference_quantities(args.retain_loss):
             self.reference_mode, ref_model = reference.mode, None
@@ -186,7 +182,7 @@ class UnlearningTrainer(Trainer):
                 args.retain_loss,
                 peft=self._adapter_name is not None,
                 ref_model=ref_model,
-                cacheable=getattr(self.objective, "cacheable_reference", True),
+                cacheable=self.objective.cacheable_reference,
             )
         if ref_model is not None and self.reference_mode != "none":
             check_reference_model(starting_model, ref_model)
@@ -255,14 +251,41 @@ class UnlearningTrainer(Trainer):
             return dataset
         return dataset.add_column("alternate", alternates)
 
+    def finetune_on_forget(self, model: nn.Module, dataset: Dataset | None = None) -> nn.Module:
+        """Fine-tune `model` in place on this trainer's forget set (or `dataset`: pre-tokenized rows) with this run's
+        own arguments (learning rate, epochs, batch size, ...), and return it: the "reinforced" model that one-shot
+        strategies (task-vector negation, Who's Harry Potter) edit with. Plain NLL on the forget answers, no
+        reference, no adapter of its own, nothing saved."""
+        from .strategies.task_vector import ForgetFinetune
+
+        args = dataclasses.replace(
+            self.args,
+            strategy=ForgetFinetune(),
+            strategy_kwargs={},
+            use_peft=False,
+            reference="none",
+            save_strategy="no",
+            output_dir=f"{self.args.output_dir}/reinforced",
+        )
+        UnlearningTrainer(
+            model,
+            args,
+            forget_dataset=dataset if dataset is not None else self.train_dataset.forget,
+            processing_class=self.processing_class,
+            data_collator=self.data_collator.side_collator,
+            objective=self.objective,
+        ).train()
+        return model
+
     # ---- reference ----
 
     def _build_reference(self, ref_model: nn.Module | None, had_adapter: bool) -> Reference | None:
         mode = self.reference_mode
         if mode == "none":
             return None
-        if hasattr(self.objective, "build_reference"):  # diffusion: the adapter-off UNet or a frozen copy
-            return self.objective.build_reference(self.model, mode, ref_model, had_adapter)
+        family = self.objective.build_reference(self.model, mode, ref_model, had_adapter)
+        if family is not None:  # diffusion: the adapter-off UNet or a frozen copy
+            return family
         if mode == "cached":
             scorer = self.model
             if ref_model is not None:
@@ -626,22 +649,7 @@ class UnlearningTrainer(Trainer):
         return run_files(target), []
 
     def _write_run(self, model: nn.Module, output_dir: str, state_dict: dict | None) -> None:
-        if hasattr(self.objective, "save_model"):  # diffusion: the UNet LoRA or the trained tensors only
-            self.objective.save_model(model, output_dir)
-        elif is_peft_model(model) and self.args.merge_adapter:
-            merged = copy.deepcopy(model)
-            if REFERENCE_ADAPTER in merged.peft_config:
-                merged.delete_adapter(REFERENCE_ADAPTER)
-            merged.merge_and_unload().save_pretrained(output_dir)
-        elif is_peft_model(model):
-            model.save_pretrained(output_dir, state_dict=state_dict, selected_adapters=[self._adapter_name])
-        elif isinstance(model, PreTrainedModel):
-            model.save_pretrained(output_dir, state_dict=state_dict)
-        else:
-            state_dict = state_dict if state_dict is not None else model.state_dict()
-            save_file(
-                {k: v.contiguous() for k, v in state_dict.items()}, os.path.join(output_dir, "model.safetensors")
-            )
+        self.objective.save_weights(model, output_dir, self._adapter_name, self.args.merge_adapter, state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "unlearning_config.json"), "w") as f:
@@ -802,18 +810,6 @@ def warn_overlap(forget: Dataset, retain: Dataset | None) -> int:
             stacklevel=3,
         )
     return overlap
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy that runs its own weights.
-
-    Some trainers patch `model.forward` on the instance with a closure over the original model (TRL's SFTTrainer
-    does, for its fused LM head); a deep copy would keep calling the original, so the "frozen" reference would move
-    with the policy. The copy falls back to its class's forward.
-    """
-    ref = copy.deepcopy(model)
-    ref.__dict__.pop("forward", None)
-    return ref
 
 
 def check_finite_weights(model: nn.Module) -> None:

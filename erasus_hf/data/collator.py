@@ -22,7 +22,22 @@ def with_passthrough(examples: Sequence[dict[str, Any]], batch: dict[str, torch.
     return batch
 
 
-class QACollator:
+class SideCollator:
+    """A side collator whose rows are tokenized once, ahead of training: `tokenize(row)` gives the row's
+    `input_ids` and `labels` (-100 where nothing is scored), `__call__` pads tokenized rows into a batch. The trainer
+    maps `tokenize` over the forget and retain rows up front and refuses rows with no scored token left within
+    `max_length`; any other callable collates the rows as they are given."""
+
+    max_length: int
+
+    def tokenize(self, example: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class QACollator(SideCollator):
     """Collator for causal-LM question/answer data.
 
     Raw examples (`question`, `answer`) become ``ids(prompt) + ids(" " + answer) + [eos]`` with the prompt's labels

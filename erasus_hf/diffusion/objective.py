@@ -247,6 +247,10 @@ class DiffusionObjective(Objective):
         losses = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
         return losses, prediction
 
+    def collator_for(self, processing_class: Any | None, max_length: int) -> Any:
+        """The collator this objective was built with."""
+        return self.collator
+
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         if hidden_layer is not None:
             raise ValueError("The diffusion objective has no hidden-state scores.")
@@ -332,9 +336,7 @@ class DiffusionObjective(Objective):
 
     # ---- trainer hooks: LoRA on the UNet, the frozen reference, saving ----
 
-    def prepare_peft(
-        self, model: nn.Module, args: Any, peft_config: Any = None, task_type: str | None = None
-    ) -> tuple[nn.Module, str | None, bool]:
+    def prepare_peft(self, model: nn.Module, args: Any, peft_config: Any = None) -> tuple[nn.Module, str | None, bool]:
         """Add a LoRA adapter to the UNet the diffusers way (`unet.add_adapter`, as diffusers' LoRA training
         scripts do), freezing the base weights; return (unet, adapter name, arrived with a trained adapter)."""
         if has_lora(model):
@@ -373,8 +375,10 @@ class DiffusionObjective(Objective):
             return UNetReference(ref_model.to(next(model.parameters()).device), mode, contextlib.nullcontext)
         raise ValueError(f"The diffusion strategies need the frozen UNet itself (adapter or copy), not {mode!r}.")
 
-    def save_model(self, model: nn.Module, output_dir: str) -> list[str]:
-        """Save what the run changed (see `erasus_hf.diffusion.saving.save_erasure`); return the files written."""
+    def save_weights(
+        self, model: nn.Module, output_dir: str, adapter_name: str | None, merge_adapter: bool, state_dict=None
+    ) -> None:
+        """Save what the run changed (see `erasus_hf.diffusion.saving.save_erasure`)."""
         from .saving import save_erasure
 
-        return save_erasure(model, output_dir)
+        save_erasure(model, output_dir)

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..peft_utils import prepare_peft, save_weights
+
 
 @dataclass
 class Scores:
@@ -46,14 +48,18 @@ class Scores:
 
 class Objective:
     """How to score a batch for one model family. Subclasses implement `score` and `validate_model`, and `matches`
-    when the family can be recognised from the model alone (`get_objective(None, model)`).
-
-    Optional instance attribute `collator`: the side collator for this family's rows (used when the caller passes
-    none); a collator with a `tokenize(row)` method has the rows tokenized once up front.
+    when the family can be recognised from the model alone (`get_objective(None, model)`). The other methods and
+    class attributes are the trainer's hooks into the family, declared here with the default most families use.
     """
 
     name: ClassVar[str]
     peft_task_type: ClassVar[str | None] = None  # PEFT's task type for the LoRA wrapper (e.g. "CAUSAL_LM")
+    # whether a per-example reference log-prob can be computed once and cached: False where a score depends on the
+    # rest of the batch (contrastive), so the trainer keeps the frozen model itself as the reference
+    cacheable_reference: ClassVar[bool] = True
+    # whether `Scores` holds per-token log-probs and the logits of each target token (CTC: a sequence likelihood only)
+    supports_token_scores: ClassVar[bool] = True
+    token_scores_note: ClassVar[str] = "this objective has none"  # why not, in the error that refuses a strategy
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -65,8 +71,29 @@ class Objective:
 
     def collator_for(self, processing_class: Any | None, max_length: int) -> Any | None:
         """The side collator for this family's rows when the trainer is given none (the trainer's `processing_class`
-        and `max_length` at hand); None means rows that are already numeric and stack as they are."""
-        return getattr(self, "collator", None)
+        and `max_length` at hand); None means rows that are already numeric and stack as they are. A collator that
+        subclasses `erasus_hf.data.collator.SideCollator` and tokenizes has its rows tokenized once up front."""
+        return None
+
+    def prepare_peft(self, model: nn.Module, args: Any, peft_config: Any = None) -> tuple[nn.Module, str | None, bool]:
+        """Add the trainer's adapter (`peft_config`, or LoRA from `args` with `use_peft`); return (model, trainable
+        adapter name or None, whether the model arrived with a trained adapter). Default: PEFT's `get_peft_model`
+        with this family's `peft_task_type` (`erasus_hf.peft_utils.prepare_peft`)."""
+        return prepare_peft(model, args, peft_config, task_type=self.peft_task_type)
+
+    def build_reference(self, model: nn.Module, mode: str, ref_model: nn.Module | None, had_adapter: bool) -> Any:
+        """This family's own frozen reference for `mode` ("adapter", "copy", ...), or None to have the trainer build
+        the standard one (`erasus_hf.reference`). Diffusion answers with its UNet reference."""
+        return None
+
+    def save_weights(
+        self, model: nn.Module, output_dir: str, adapter_name: str | None, merge_adapter: bool, state_dict=None
+    ) -> None:
+        """Write the weights of `model` (safetensors) into `output_dir`: the trainable adapter alone, the merged
+        model with `merge_adapter`, a `PreTrainedModel`'s `save_pretrained`, or a plain module's state dict as
+        `model.safetensors` (see `erasus_hf.peft_utils.save_weights`). Diffusion saves the UNet's LoRA or the
+        tensors its edit changed."""
+        save_weights(model, output_dir, adapter_name, merge_adapter, state_dict)
 
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         raise NotImplementedError

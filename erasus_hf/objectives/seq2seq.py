@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
 )
 
-from ..data.collator import NOT_MODEL_INPUTS, with_passthrough
+from ..data.collator import NOT_MODEL_INPUTS, SideCollator, with_passthrough
 from .base import Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 
 SEQ2SEQ_LM_CLASSES = frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()) | frozenset(
@@ -125,7 +125,7 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-class Seq2SeqQACollator:
+class Seq2SeqQACollator(SideCollator):
     """Question/answer text rows for an encoder-decoder model.
 
     The encoder reads the question as the tokenizer encodes it (with its own special tokens); `labels` are the answer

@@ -127,6 +127,10 @@ class VisionLanguageObjective(Objective):
                 f"class of transformers' image-text-to-text mapping), got {type(base).__name__}.{hint}"
             )
 
+    def collator_for(self, processing_class: Any | None, max_length: int) -> Any:
+        """The collator this objective was built with."""
+        return self.collator
+
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         if "input_ids" not in batch or "labels" not in batch:
             raise ValueError(
@@ -166,9 +170,7 @@ class VisionLanguageObjective(Objective):
             hidden = hidden_states[hidden_layer]
         return Scores(token_logprobs=logprobs, mask=mask, logits=logits, hidden_states=hidden)
 
-    def prepare_peft(
-        self, model: nn.Module, args: Any, peft_config: Any = None, task_type: str | None = None
-    ) -> tuple[nn.Module, str | None, bool]:
+    def prepare_peft(self, model: nn.Module, args: Any, peft_config: Any = None) -> tuple[nn.Module, str | None, bool]:
         """The trainer's LoRA wrapping, with the language model's linear layers as the default targets."""
         from peft import LoraConfig
 
@@ -180,9 +182,9 @@ class VisionLanguageObjective(Objective):
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 target_modules=language_linear_layers(model),
-                task_type=task_type,
+                task_type=self.peft_task_type,
             )
-        return prepare_peft(model, args, peft_config, task_type=task_type)
+        return prepare_peft(model, args, peft_config, task_type=self.peft_task_type)
 
 
 @dataclass

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import collections.abc
 import functools
 import inspect
-import math
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,6 +12,7 @@ from torch import nn
 
 from ..objectives import Objective, Scores
 from ..reference import Reference
+from .config import HyperparameterError, StrategyConfig, config_from_signature
 
 Batch = dict[str, torch.Tensor]
 
@@ -81,13 +77,58 @@ class Strategy:
     # whether the strategy keeps state between optimizer steps (`state_dict`) that a resumed run must get back
     stateful: ClassVar[bool] = False
 
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    config: StrategyConfig = StrategyConfig()  # an instance's own, set by `__init__`
+    # whether `train()` applies an edit (`apply`) instead of running the training loop (task vectors, SSD, UCE, ...)
+    one_shot: ClassVar[bool] = False
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every strategy's `__init__` checks its hyperparameters against their annotations before it runs (see
-        `typed_hyperparameters`): one place for every strategy, user-defined ones included."""
+        """A strategy that takes its hyperparameters as `__init__` keyword arguments and declares no config (a
+        user's own, written before configs) gets one from the signature, so its values are typed and checked the
+        same way; its `__init__` then receives the converted values."""
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is not None and not hasattr(init, "__wrapped__"):
-            cls.__init__ = _typed_init(init)
+        if init is None or "config_class" in cls.__dict__ or getattr(init, "_from_signature", False):
+            return
+        cls.config_class = config_from_signature(cls, init)
+        if not cls.config_class.field_names():
+            cls.config_class = StrategyConfig
+            return
+
+        config_class, signature = cls.config_class, inspect.signature(init)
+
+        @functools.wraps(init)
+        def typed_init(self, *args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(self, *args, **kwargs)
+            try:
+                config = config_class(**dict(list(bound.arguments.items())[1:]))
+            except HyperparameterError as err:
+                raise ValueError(f"Strategy {self.name!r}: {err}") from None
+            if type(self).config_class is config_class:  # not when a subclass's __init__ calls this one
+                self.config = config
+            init(self, **config.to_dict())
+
+        typed_init._from_signature = True
+        cls.__init__ = typed_init
+
+    def __init__(self, config: StrategyConfig | None = None, /, **hyperparameters: Any) -> None:
+        """Build from a config, or from hyperparameters by name (`NPO(beta=0.2)`, `get_strategy("npo", beta=0.2)`):
+        converted to their declared types and checked (`StrategyConfig`), then set as attributes (`self.beta`).
+        Subclasses with derived state override `__init__`, call this one first and read `self.<hyperparameter>`."""
+        if config is None:
+            try:
+                config = self.config_class(**hyperparameters)
+            except HyperparameterError as err:
+                raise ValueError(f"Strategy {self.name!r}: {err}") from None
+        elif hyperparameters:
+            raise ValueError(f"Strategy {self.name!r}: pass a config or hyperparameters by name, not both.")
+        elif not isinstance(config, self.config_class):
+            raise TypeError(
+                f"Strategy {self.name!r} takes a {self.config_class.__name__}, got {type(config).__name__}."
+            )
+        self.config = config
+        for name, value in config.to_dict().items():
+            setattr(self, name, value)
 
     def prepare_model(self, model: nn.Module) -> None:
         """Called once before the optimizer is built; a method that trains only some parameters (e.g. RMU's chosen
@@ -105,6 +146,26 @@ class Strategy:
         """Take back what `state_dict` returned (called before training resumes)."""
         if state:
             raise ValueError(f"Strategy {self.name!r} keeps no state, but was given {sorted(state)}.")
+
+    def setup(self, trainer) -> dict[str, float]:
+        """Called by `UnlearningTrainer.train()` before the training loop, with the trainer (its model, rows and
+        arguments): build what the loss needs from the forget set (SalUn's saliency mask, a bad teacher, l1_sparse's
+        schedule). Returns metrics to log. Default: nothing to build."""
+        return {}
+
+    def teardown(self) -> None:
+        """Called when the training loop ends (also on an error): undo what `setup` installed (gradient hooks)."""
+
+    def apply(self, trainer) -> dict[str, float]:
+        """The edit of a `one_shot` strategy, run by `train()` instead of the training loop, on `trainer.model`;
+        returns metrics to log. A one-shot edit that needs a fine-tuning pass asks the trainer for it
+        (`trainer.finetune_on_forget`)."""
+        raise NotImplementedError(f"Strategy {self.name!r} is not one-shot; it has no apply().")
+
+    @classmethod
+    def builds_state_before_training(cls) -> bool:
+        """Whether the strategy overrides `setup` (state built from the forget set before the loop)."""
+        return cls.setup is not Strategy.setup
 
     def alternate_answers(self, forget, seed: int) -> list[str] | None:
         """DPO-style methods return one alternate answer per forget row (the preferred y_alt); others None."""
@@ -145,155 +206,16 @@ class Strategy:
 
     @classmethod
     def hyperparameter_names(cls) -> list[str]:
-        """The keyword arguments of `__init__`: the method's hyperparameters."""
-        params = inspect.signature(cls.__init__).parameters.values()
-        return [p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+        """The fields of `config_class`: the method's hyperparameters."""
+        return cls.config_class.field_names()
 
     @property
     def hyperparameters(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in self.hyperparameter_names()}
+        return self.config.to_dict()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
         return f"{type(self).__name__}({args})"
-
-
-class _Unconvertible(ValueError):
-    """A value that does not fit an annotation (internal: turned into the message naming the hyperparameter)."""
-
-
-BOOL_STRINGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-SCALARS = (bool, int, float, str)
-
-
-def _convert(value: Any, annotation: Any) -> Any:
-    """`value` as the annotated type: strings (from the command line or a YAML recipe, which reads `1e-3` as a
-    string) are converted once, numbers must be finite, an int is not a bool; annotations other than scalars, their
-    lists and dicts, and their unions with None are not checked (their `__init__` validates them)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and str in options:
-            return value
-        for option in options:
-            try:
-                return _convert(value, option)
-            except _Unconvertible:
-                continue
-        raise _Unconvertible(" or ".join(_describe(o) for o in options))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in BOOL_STRINGS:
-            return BOOL_STRINGS[value.strip().lower()]
-        raise _Unconvertible("a bool (true or false)")
-    if annotation is int:
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise _Unconvertible("an int") from None
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Unconvertible("an int")
-    if annotation is float:
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                raise _Unconvertible("a finite number") from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-            raise _Unconvertible("a finite number")
-        return float(number)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise _Unconvertible("a string")
-    if origin in (list, tuple, collections.abc.Sequence) and len(args) == 1 and args[0] in SCALARS:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise _Unconvertible(_describe(annotation))
-        return [_convert(v, args[0]) for v in value]
-    if origin in (dict, collections.abc.Mapping) and len(args) == 2 and all(a in SCALARS for a in args):
-        if not isinstance(value, collections.abc.Mapping):
-            raise _Unconvertible(_describe(annotation))
-        return {_convert(k, args[0]): _convert(v, args[1]) for k, v in value.items()}
-    return value
-
-
-def _describe(annotation: Any) -> str:
-    names = {bool: "a bool", int: "an int", float: "a finite number", str: "a string"}
-    if annotation in names:
-        return names[annotation]
-    if typing.get_origin(annotation) is not None:  # list[int], dict[str, str]
-        return f"a {str(annotation).replace('typing.', '')}"
-    return f"a {getattr(annotation, '__name__', annotation)}"
-
-
-def typed_hyperparameters(owner: str, init: Callable, arguments: dict[str, Any]) -> dict[str, Any]:
-    """`arguments` of `init` converted to their annotated types (`_convert`); a value that does not fit raises a
-    ValueError naming the strategy, the hyperparameter, the value and the type it must have."""
-    hints = _hints(init)
-    checked = dict(arguments)
-    for name, value in arguments.items():
-        if name not in hints:
-            continue
-        try:
-            checked[name] = _convert(value, hints[name])
-        except _Unconvertible as err:
-            raise ValueError(
-                f"Strategy {owner!r}: hyperparameter {name!r} must be {err}, got {value!r} ({type(value).__name__}). "
-                f"Fix strategy_kwargs={{{name!r}: ...}}."
-            ) from None
-    return checked
-
-
-@functools.cache
-def _hints(init: Callable) -> dict[str, Any]:
-    try:
-        hints = typing.get_type_hints(init)
-    except Exception:  # an annotation that does not resolve: leave those values to the strategy
-        return {}
-    hints.pop("return", None)
-    return hints
-
-
-def _typed_init(init: Callable) -> Callable:
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def checked_init(self, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)
-        values = {
-            name: value
-            for name, value in list(bound.arguments.items())[1:]
-            if signature.parameters[name].kind
-            in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        }
-        bound.arguments.update(typed_hyperparameters(getattr(self, "name", type(self).__name__), init, values))
-        init(*bound.args, **bound.kwargs)
-
-    return checked_init
-
-
-def check_token_scores(strategy: Strategy, objective: Objective, retain_loss_name: str) -> None:
-    """Refuse a strategy that reads per-token log-probs or logits for an objective whose scores have none (CTC gives a
-    sequence likelihood only), naming the strategies that can serve it."""
-    if getattr(objective, "supports_token_scores", True) or not strategy.needs_token_scores(retain_loss_name):
-        return
-    from .registry import STRATEGIES
-
-    what = "its loss reads" if strategy.token_level else f"retain_loss={retain_loss_name!r} (a KL) reads"
-    usable = sorted(n for n, c in STRATEGIES.items() if objective.name in c.objectives and not c.token_level)
-    raise ValueError(
-        f"Strategy {strategy.name!r} cannot serve the {objective.name!r} objective: {what} per-token log-probs or "
-        f"logits of the target tokens, and {getattr(objective, 'token_scores_note', 'this objective has none')}. "
-        f"Strategies that need only sequence log-likelihoods (with retain_loss 'nll' or 'none'): {', '.join(usable)}."
-    )
 
 
 def kl_to_reference(policy: Scores, reference: Scores, temperature: float = 1.0) -> torch.Tensor:

@@ -52,7 +52,7 @@ class EnsembleStrategy(Strategy):
         names = [s.name for s, _ in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"Ensemble members must be distinct strategies, got {names}")
-        stateful = [s.name for s, _ in self.members if getattr(s, "one_shot", False) or hasattr(s, "setup")]
+        stateful = [s.name for s, _ in self.members if s.one_shot or s.builds_state_before_training()]
         if stateful:
             raise ValueError(
                 f"Ensemble members add per-step losses; {stateful} are one-shot edits or build state before training "
@@ -132,8 +132,8 @@ class StrategyPipeline:
 
         `reference=` (an already built reference to the original model) is shared by every stage as it is."""
         from ..peft_utils import is_peft_model
-        from ..reference import ModelReference, active_adapter, snapshot_adapter
-        from ..trainer import UnlearningTrainer, frozen_copy
+        from ..reference import ModelReference, active_adapter, frozen_copy, snapshot_adapter
+        from ..trainer import UnlearningTrainer
 
         ref_model, reference = trainer_kwargs.pop("ref_model", None), trainer_kwargs.pop("reference", None)
         peft = args.use_peft or trainer_kwargs.get("peft_config") is not None or is_peft_model(model)

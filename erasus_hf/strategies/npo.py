@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch.nn.functional as F
 
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .registry import register_strategy
+
+
+@dataclass
+class NPOConfig(StrategyConfig):
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "Inverse temperature of the log-sigmoid (> 0); 0.1: the TOFU setting."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"NPO needs beta > 0, got {self.beta}")
 
 
 @register_strategy
@@ -25,11 +41,7 @@ class NPO(Strategy):
     name = "npo"
     paper = "https://arxiv.org/abs/2404.05868"
     needs_reference = frozenset({"sequence_logprob"})
-
-    def __init__(self, beta: float = 0.1) -> None:
-        if beta <= 0:
-            raise ValueError(f"NPO needs beta > 0, got {beta}")
-        self.beta = beta
+    config_class = NPOConfig
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):
         ref_logprob = ctx.require_reference().sequence_logprob(ctx.objective, forget)
@@ -39,6 +51,30 @@ class NPO(Strategy):
 
 
 MARGIN_FORMS = ("outside_beta", "inside_beta")
+
+
+@dataclass
+class SimNPOConfig(StrategyConfig):
+    beta: float = field(default=2.5, metadata={"help": "Inverse temperature (> 0); 2.5 is the paper's TOFU setting."})
+    gamma_margin: float = field(default=0.0, metadata={"help": "Reward margin gamma (0 on TOFU)."})
+    margin_form: str = field(
+        default="outside_beta",
+        metadata={
+            "help": "'outside_beta': the paper's -(beta/|y|) log pi - gamma_margin; 'inside_beta': the code's "
+            "beta (-(1/|y|) log pi - gamma_margin)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"SimNPO needs beta > 0, got {self.beta}")
+        if self.margin_form not in MARGIN_FORMS:
+            raise ValueError(
+                f"SimNPO margin_form must be one of {MARGIN_FORMS}, got {self.margin_form!r}: 'outside_beta' is the "
+                "paper's -(beta/|y|) log pi - gamma_margin, 'inside_beta' the authors' code's beta (-(1/|y|) log pi - "
+                "gamma_margin)."
+            )
 
 
 @register_strategy
@@ -62,18 +98,7 @@ class SimNPO(Strategy):
     name = "simnpo"
     paper = "https://arxiv.org/abs/2410.07163"
 
-    def __init__(self, beta: float = 2.5, gamma_margin: float = 0.0, margin_form: str = "outside_beta") -> None:
-        if beta <= 0:
-            raise ValueError(f"SimNPO needs beta > 0, got {beta}")
-        if margin_form not in MARGIN_FORMS:
-            raise ValueError(
-                f"SimNPO margin_form must be one of {MARGIN_FORMS}, got {margin_form!r}: 'outside_beta' is the "
-                "paper's -(beta/|y|) log pi - gamma_margin, 'inside_beta' the authors' code's beta (-(1/|y|) log pi - "
-                "gamma_margin)."
-            )
-        self.beta = beta
-        self.gamma_margin = gamma_margin
-        self.margin_form = margin_form
+    config_class = SimNPOConfig
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):
         scores = ctx.score(forget)

@@ -107,7 +107,7 @@ class WHP(Strategy):
     def apply(self, trainer) -> dict[str, float]:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        from ..trainer import frozen_copy
+        from ..reference import frozen_copy
 
         model = trainer.model
         if not is_peft_model(model):
