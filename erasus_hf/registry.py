@@ -7,7 +7,7 @@ replace the first one for every later lookup. Unknown names fail with the valid 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -25,20 +25,20 @@ class Registry(Mapping[str, T], Generic[T]):
         self.plural = plural or f"{kind}s"
         self._entries: dict[str, T] = {}
 
+    @property
+    def _a(self) -> str:
+        return f"{'An' if self.kind[0] in 'aeiou' else 'A'} {self.kind}"
+
     def register(self, entry: T, name: str) -> T:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"A {self.kind} needs a non-empty string name to be registered, got {name!r}.")
+            raise ValueError(f"{self._a} needs a non-empty string name to be registered, got {name!r}.")
         if name in self._entries:
             raise ValueError(
-                f"A {self.kind} named {name!r} is already registered ({_describe(self._entries[name])}); pick another "
+                f"{self._a} named {name!r} is already registered ({_describe(self._entries[name])}); pick another "
                 f"name for {_describe(entry)}."
             )
         self._entries[name] = entry
         return entry
-
-    def decorator(self, name_of: Callable[[T], str]) -> Callable[[T], T]:
-        """A class decorator registering its class under `name_of(cls)` (e.g. the class's `name` attribute)."""
-        return lambda entry: self.register(entry, name_of(entry))
 
     def pop(self, name: str) -> T:
         return self._entries.pop(name)

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from ..strategies.base import Batch, StrategyContext
+from ..strategies.config import StrategyConfig
 from ..strategies.registry import register_strategy
 from .common import DiffusionStrategy, mean_squared_error, objective_of, select_trainable
 
 ABLATION_GROUPS = {"crossattn_kv": "cross_attention_kv", "crossattn": "cross_attention", "full": "all"}
+
+
+@dataclass
+class ConceptAblationConfig(StrategyConfig):
+    parameter_group: str = field(
+        default="crossattn_kv",
+        metadata={
+            "help": "Which UNet parameters train: 'crossattn_kv' the cross-attention key/value projections (the "
+            "authors' default), 'crossattn' all of cross-attention, 'full' every linear/conv layer."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.parameter_group not in ABLATION_GROUPS:
+            raise ValueError(f"Unknown parameter_group {self.parameter_group!r}; valid: {', '.join(ABLATION_GROUPS)}")
 
 
 @register_strategy
@@ -32,11 +51,7 @@ class ConceptAblation(DiffusionStrategy):
 
     name = "concept_ablation"
     paper = "https://arxiv.org/abs/2303.13516"
-
-    def __init__(self, parameter_group: str = "crossattn_kv") -> None:
-        if parameter_group not in ABLATION_GROUPS:
-            raise ValueError(f"Unknown parameter_group {parameter_group!r}; valid: {', '.join(ABLATION_GROUPS)}")
-        self.parameter_group = parameter_group
+    config_class = ConceptAblationConfig
 
     def prepare_model(self, model: nn.Module) -> None:
         select_trainable(model, ABLATION_GROUPS[self.parameter_group], "Concept Ablation")

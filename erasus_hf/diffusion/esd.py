@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from ..strategies.base import Batch, StrategyContext
+from ..strategies.config import StrategyConfig
 from ..strategies.registry import register_strategy
 from .common import DiffusionStrategy, frozen_reference, mean_squared_error, objective_of, select_trainable
 
@@ -20,6 +23,37 @@ ESD_VARIANTS = {
 def esd_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, negative_guidance: float) -> torch.Tensor:
     """eps*(x_t, t) - eta [eps*(x_t, c, t) - eps*(x_t, t)]: the frozen model's prediction guided away from c."""
     return eps_uncond - negative_guidance * (eps_cond - eps_uncond)
+
+
+@dataclass
+class ESDConfig(StrategyConfig):
+    variant: str = field(
+        default="esd-x",
+        metadata={
+            "help": "Which UNet parameters train: 'esd-x' cross-attention (styles; the default), 'esd-u' every "
+            "linear/conv layer but cross-attention (objects, nudity), 'esd-x-strict' only attn2.to_k / attn2.to_v, "
+            "'esd-all' every linear/conv layer."
+        },
+    )
+    negative_guidance: float = field(
+        default=1.0,
+        metadata={"help": "eta, how far the target is guided away from the concept; the paper's value is 1."},
+    )
+    start_guidance: float = field(
+        default=3.0,
+        metadata={"help": "Classifier-free guidance when sampling x_t from the frozen model; the paper's value is 3."},
+    )
+    num_inference_steps: int = field(
+        default=50,
+        metadata={"help": "Sampling steps (>= 1) of the schedule x_t is drawn from; the paper's 50 DDIM steps."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in ESD_VARIANTS:
+            raise ValueError(f"Unknown ESD variant {self.variant!r}; valid variants: {', '.join(ESD_VARIANTS)}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"ESD needs num_inference_steps >= 1, got {self.num_inference_steps}")
 
 
 @register_strategy
@@ -48,24 +82,9 @@ class ESD(DiffusionStrategy):
 
     name = "esd"
     paper = "https://arxiv.org/abs/2303.07345"
-    needs_reference = frozenset({"unet"})
+    needs_reference = frozenset({"scores"})  # the frozen UNet's predictions: a model, never a cache
     uses_retain = False
-
-    def __init__(
-        self,
-        variant: str = "esd-x",
-        negative_guidance: float = 1.0,
-        start_guidance: float = 3.0,
-        num_inference_steps: int = 50,
-    ) -> None:
-        if variant not in ESD_VARIANTS:
-            raise ValueError(f"Unknown ESD variant {variant!r}; valid variants: {', '.join(ESD_VARIANTS)}")
-        if num_inference_steps < 1:
-            raise ValueError(f"ESD needs num_inference_steps >= 1, got {num_inference_steps}")
-        self.variant = variant
-        self.negative_guidance = negative_guidance
-        self.start_guidance = start_guidance
-        self.num_inference_steps = num_inference_steps
+    config_class = ESDConfig
 
     def prepare_model(self, model: nn.Module) -> None:
         select_trainable(model, ESD_VARIANTS[self.variant], f"ESD variant {self.variant!r}")

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
 
 from ..strategies.base import Batch, StrategyContext
+from ..strategies.importance import gradient_sums, side_batches, trainable_parameters
 from ..strategies.registry import register_strategy
-from ..strategies.saliency import MaskedUpdates, saliency_masks
+from ..strategies.saliency import MaskedUpdates, SaliencyConfig, saliency_masks
 from .common import DiffusionStrategy, mean_squared_error, objective_of
+from .objective import DiffusionObjective
+
+
+@dataclass
+class DiffusionSalUnConfig(SaliencyConfig):
+    mask_guidance: float = field(
+        default=7.5,
+        metadata={
+            "help": "w, the guidance of the forget loss whose gradient ranks the weights: (1 + w) eps(x_t, c_f) - "
+            "w eps(x_t, ''); 7.5 in the released SD script."
+        },
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the retain denoising loss (times retain_weight); 0.5 in the released SD script."},
+    )
+    pseudo_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts c' that the forget images are mapped to, one drawn at random per example; None: the "
+            "retain partner's prompt (another concept)."
+        },
+    )
 
 
 @register_strategy
@@ -39,39 +67,20 @@ class DiffusionSalUn(MaskedUpdates, DiffusionStrategy):
 
     name = "diffusion_salun"
     paper = "https://arxiv.org/abs/2310.12508"
+    config_class = DiffusionSalUnConfig
 
-    def __init__(
-        self,
-        mask_fraction: float = 0.5,
-        mask_guidance: float = 7.5,
-        alpha: float = 0.5,
-        pseudo_prompts: list[str] | None = None,
-    ) -> None:
-        if not 0 < mask_fraction <= 1:
-            raise ValueError(f"SalUn needs 0 < mask_fraction <= 1, got {mask_fraction}")
-        self.mask_fraction = mask_fraction
-        self.mask_guidance = mask_guidance
-        self.alpha = alpha
-        self.pseudo_prompts = pseudo_prompts
-        self.masks: dict[str, torch.Tensor] = {}
-        self._hooks: list = []
-        self._pseudo_ids: torch.Tensor | None = None
+    def __init__(self, config: DiffusionSalUnConfig | None = None, /, **hyperparameters: Any) -> None:
+        super().__init__(config, **hyperparameters)
+        self._pseudo_ids: torch.Tensor | None = None  # the tokenized pseudo_prompts, set by `setup`
 
     # ---- the mask (trainer hooks: `setup` before training, `teardown` after) ----
 
-    def saliency_gradients(self, trainer) -> dict[str, torch.Tensor]:
-        """Sum of the forget-loss gradients over the whole forget set, per trained parameter."""
-        objective, unet = objective_of(trainer), trainer.model
-        params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        sums = {n: torch.zeros_like(p) for n, p in params.items()}
-        loader = DataLoader(
-            trainer.train_dataset.forget,
-            batch_size=trainer.args.per_device_train_batch_size,
-            collate_fn=trainer.data_collator.side_collator,
-        )
+    def guided_forget_losses(
+        self, objective: DiffusionObjective, unet: nn.Module, batches: Iterable[Batch]
+    ) -> Iterator[torch.Tensor]:
+        """ell_f = -MSE(eps, (1 + w) eps_theta(x_t, c_f) - w eps_theta(x_t, "")) of each forget batch in turn."""
         device = next(unet.parameters()).device
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for batch in batches:
             self.require_images(batch)
             latents = objective.encode_images(batch["pixel_values"])
             noise = torch.randn_like(latents)
@@ -80,11 +89,15 @@ class DiffusionSalUn(MaskedUpdates, DiffusionStrategy):
             cond = objective.predict(unet, x_t, timesteps, objective.encode_prompts(batch["input_ids"]))
             uncond = objective.predict(unet, x_t, timesteps, objective.null_embeddings(latents.shape[0], device))
             guided = (1 + self.mask_guidance) * cond - self.mask_guidance * uncond
-            loss = -mean_squared_error(guided, objective.target(latents, noise, timesteps)).mean()
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (name, _), grad in zip(params.items(), grads, strict=True):
-                if grad is not None:
-                    sums[name] += grad
+            yield -mean_squared_error(guided, objective.target(latents, noise, timesteps)).mean()
+
+    def saliency_gradients(self, trainer) -> dict[str, torch.Tensor]:
+        """Sum of the forget-loss gradients over the whole forget set, per trained parameter."""
+        objective, unet = objective_of(trainer), trainer.model
+        batches = side_batches(
+            trainer, trainer.train_dataset.forget, batch_size=trainer.args.per_device_train_batch_size
+        )
+        sums, _ = gradient_sums(trainable_parameters(unet), self.guided_forget_losses(objective, unet, batches))
         return sums
 
     def setup(self, trainer) -> dict[str, float]:

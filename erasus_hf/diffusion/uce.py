@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..strategies.config import StrategyConfig
 from ..strategies.registry import register_strategy
 from .common import DiffusionStrategy, select_trainable
-from .objective import DiffusionObjective, has_lora
+from .lora import has_lora
+from .objective import DiffusionObjective
 
 TOKEN_WINDOWS = ("last_to_end", "last")
 
@@ -93,6 +96,39 @@ def aligned(concepts: list[torch.Tensor], guides: list[torch.Tensor]) -> tuple[t
     return torch.cat(cs), torch.cat(gs)
 
 
+@dataclass
+class UCEConfig(StrategyConfig):
+    guide_prompts: list[str] | str = field(
+        default="",
+        metadata={
+            "help": "What each erased concept is mapped to: one prompt for all, or a list with one per forget row; "
+            "'' (the unconditional embedding) erases."
+        },
+    )
+    lamb: float = field(
+        default=0.5,
+        metadata={
+            "help": "lambda (> 0), the regulariser that keeps W near the original and the system invertible; 0.5."
+        },
+    )
+    erase_scale: float = field(default=1.0, metadata={"help": "s_e, the weight of the erased concepts; 1."})
+    preserve_scale: float = field(default=1.0, metadata={"help": "s_p, the weight of the preserved concepts; 1."})
+    token_window: str = field(
+        default="last",
+        metadata={
+            "help": "Which token embeddings are edited: 'last' the concept's last token before EOS (the authors' "
+            "uce_sd_erase.py), 'last_to_end' that token and every position after it (their first release)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.token_window not in TOKEN_WINDOWS:
+            raise ValueError(f"Unknown token_window {self.token_window!r}; valid: {TOKEN_WINDOWS}")
+        if self.lamb <= 0:
+            raise ValueError(f"UCE needs lamb > 0 (the regulariser keeps the system invertible), got {self.lamb}")
+
+
 @register_strategy
 class UCE(DiffusionStrategy):
     """Unified Concept Editing.
@@ -124,24 +160,7 @@ class UCE(DiffusionStrategy):
     name = "uce"
     paper = "https://arxiv.org/abs/2308.14761"
     one_shot = True
-
-    def __init__(
-        self,
-        guide_prompts: list[str] | str = "",
-        lamb: float = 0.5,
-        erase_scale: float = 1.0,
-        preserve_scale: float = 1.0,
-        token_window: str = "last",
-    ) -> None:
-        if token_window not in TOKEN_WINDOWS:
-            raise ValueError(f"Unknown token_window {token_window!r}; valid: {TOKEN_WINDOWS}")
-        if lamb <= 0:
-            raise ValueError(f"UCE needs lamb > 0 (the regulariser keeps the system invertible), got {lamb}")
-        self.guide_prompts = guide_prompts
-        self.lamb = lamb
-        self.erase_scale = erase_scale
-        self.preserve_scale = preserve_scale
-        self.token_window = token_window
+    config_class = UCEConfig
 
     def prepare_model(self, model: nn.Module) -> None:
         if has_lora(model):

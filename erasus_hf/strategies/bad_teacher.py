@@ -4,14 +4,17 @@ original model."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..objectives import unwrap_model
-from ..reference import eval_mode
+from ..reference import eval_mode, frozen_copy
 from .base import Batch, Strategy, StrategyContext, kl_to_reference
+from .config import StrategyConfig
 from .registry import register_strategy
 
 
@@ -40,8 +43,7 @@ def randomly_initialised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
         if isinstance(base, PreTrainedModel):
             teacher = type(base)(copy.deepcopy(base.config))
         else:
-            teacher = copy.deepcopy(base)
-            teacher.__dict__.pop("forward", None)  # see trainer.frozen_copy
+            teacher = frozen_copy(base)
             not_reset = []
             for name, module in teacher.named_modules():
                 own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
@@ -53,6 +55,20 @@ def randomly_initialised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
                     f"{not_reset[:5]} belong to modules without reset_parameters(); give those modules one."
                 )
     return teacher.to(device=reference_param.device, dtype=reference_param.dtype).eval().requires_grad_(False)
+
+
+@dataclass
+class BadTeacherConfig(StrategyConfig):
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Distillation temperature T (> 0) of both KL terms; the paper's value is 1."},
+    )
+    teacher_seed: int = field(default=0, metadata={"help": "Seed of the incompetent teacher's random initialisation."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"bad_teacher needs temperature > 0, got {self.temperature}")
 
 
 @register_strategy
@@ -83,13 +99,11 @@ class BadTeacher(Strategy):
     needs_reference = frozenset({"scores"})
     objectives = ("classification",)
     token_level = True  # reads the class logits
+    config_class = BadTeacherConfig
 
-    def __init__(self, temperature: float = 1.0, teacher_seed: int = 0) -> None:
-        if temperature <= 0:
-            raise ValueError(f"bad_teacher needs temperature > 0, got {temperature}")
-        self.temperature = temperature
-        self.teacher_seed = teacher_seed
-        self.teacher: nn.Module | None = None
+    def __init__(self, config: BadTeacherConfig | None = None, /, **hyperparameters: Any) -> None:
+        super().__init__(config, **hyperparameters)
+        self.teacher: nn.Module | None = None  # built by `setup`
 
     def needs_retain(self, retain_loss_name: str) -> bool:
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,6 +16,7 @@ from ..reference import Reference
 from .config import HyperparameterError, StrategyConfig, config_from_signature
 
 Batch = dict[str, torch.Tensor]
+_BASE_DECLARATION = object()  # `PerInstance` without a class value: the class reads the base Strategy's
 
 
 @dataclass
@@ -50,13 +52,48 @@ class StrategyContext:
         return self.reference
 
 
+class PerInstance:
+    """A strategy declaration (`token_level`, `objectives`, ...) that an instance computes from its hyperparameters
+    or parts, where the class still has to answer: `compute(instance)` on an instance, `class_value` on the class.
+
+    Listings built from classes read the class's answer (`check_token_scores`'s strategies that can serve an
+    objective, the contract test). A class answers for what `get_strategy(name)` builds, its default hyperparameters
+    (PDU: `token_level` True, its default forget term reads logits); without `class_value` it answers with the base
+    `Strategy`'s declaration (a composition: what suitable parts can make of it). Read-only: it follows from them.
+    """
+
+    def __init__(self, compute: Callable[[Any], Any], class_value: Any = _BASE_DECLARATION) -> None:
+        self.compute = compute
+        self.class_value = class_value
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is not None:
+            return self.compute(instance)
+        return vars(Strategy)[self.name] if self.class_value is _BASE_DECLARATION else self.class_value
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        raise AttributeError(f"{type(instance).__name__}.{self.name} follows from its hyperparameters; it is not set.")
+
+
 class Strategy:
-    """Base class. Subclasses set the class attributes, take their hyperparameters as keyword arguments of
-    `__init__` (the published defaults), and implement `forget_loss`; the retain term is shared.
+    """Base class. Subclasses set the class attributes, declare their hyperparameters as the fields of a
+    `StrategyConfig` subclass (`config_class`, the published defaults), and implement `forget_loss`; the retain
+    term is shared. The declarations a class makes (an instance may compute its own with `PerInstance`):
 
     - `needs_reference`: which reference quantities the forget term uses: "sequence_logprob" (cacheable) or
       "scores" (logits / hidden states, needs a model). Empty when the method is reference-free.
     - `uses_retain`: whether the method has a retain term (alpha * L_retain).
+    - `objectives`: the model families (objective names) the method serves.
+    - `token_level`: whether the forget loss reads per-token log-probs or the logits of the target tokens, not only
+      sequence log-likelihoods; objectives without them (CTC: `supports_token_scores = False`) cannot serve it.
+    - `stateful`: whether the strategy keeps state between optimizer steps (`state_dict`) that a resumed run must
+      get back.
+    - `one_shot`: whether `train()` applies an edit (`apply`) instead of running the training loop (task vectors,
+      SSD, UCE, ...).
     """
 
     name: ClassVar[str]
@@ -71,55 +108,51 @@ class Strategy:
         "contrastive",
         "vision_language",
     )
-    # whether the forget loss reads per-token log-probs or the logits of the target tokens, not only sequence
-    # log-likelihoods; objectives without them (CTC: `supports_token_scores = False`) cannot serve such a strategy
     token_level: ClassVar[bool] = False
-    # whether the strategy keeps state between optimizer steps (`state_dict`) that a resumed run must get back
     stateful: ClassVar[bool] = False
-
-    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
-    config: StrategyConfig = StrategyConfig()  # an instance's own, set by `__init__`
-    # whether `train()` applies an edit (`apply`) instead of running the training loop (task vectors, SSD, UCE, ...)
     one_shot: ClassVar[bool] = False
 
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    # an instance's own, set by `__init__`; the empty default serves a user's strategy whose `__init__` takes no
+    # hyperparameters and does not call `Strategy.__init__`
+    config: StrategyConfig = StrategyConfig()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A strategy that takes its hyperparameters as `__init__` keyword arguments and declares no config (a
-        user's own, written before configs) gets one from the signature, so its values are typed and checked the
-        same way; its `__init__` then receives the converted values."""
+        """Compatibility: a strategy that declares no `config_class` and takes its hyperparameters as `__init__`
+        keyword arguments (a user's own, written before configs) gets a config made from that signature, so its
+        values are typed and checked the same way; its `__init__` then receives the converted values."""
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is None or "config_class" in cls.__dict__ or getattr(init, "_from_signature", False):
+        if init is None or "config_class" in cls.__dict__:
             return
-        cls.config_class = config_from_signature(cls, init)
-        if not cls.config_class.field_names():
-            cls.config_class = StrategyConfig
+        config_class = config_from_signature(cls, init)
+        if not config_class.field_names():  # `__init__(self)` or the config signature: the inherited config holds
             return
-
-        config_class, signature = cls.config_class, inspect.signature(init)
+        cls.config_class = config_class
+        signature = inspect.signature(init)
 
         @functools.wraps(init)
         def typed_init(self, *args: Any, **kwargs: Any) -> None:
             bound = signature.bind(self, *args, **kwargs)
-            try:
-                config = config_class(**dict(list(bound.arguments.items())[1:]))
-            except HyperparameterError as err:
-                raise ValueError(f"Strategy {self.name!r}: {err}") from None
-            if type(self).config_class is config_class:  # not when a subclass's __init__ calls this one
-                self.config = config
+            config = self._build_config(config_class, dict(list(bound.arguments.items())[1:]))
             init(self, **config.to_dict())
+            self.config = config  # after `init`: the outermost class's config, whatever the parents' set
 
-        typed_init._from_signature = True
         cls.__init__ = typed_init
 
     def __init__(self, config: StrategyConfig | None = None, /, **hyperparameters: Any) -> None:
         """Build from a config, or from hyperparameters by name (`NPO(beta=0.2)`, `get_strategy("npo", beta=0.2)`):
         converted to their declared types and checked (`StrategyConfig`), then set as attributes (`self.beta`).
-        Subclasses with derived state override `__init__`, call this one first and read `self.<hyperparameter>`."""
+        Subclasses with derived state override `__init__` with this signature, call this one first and read
+        `self.<hyperparameter>`."""
+        if self.config_class.from_signature:
+            # a compatible `__init__` (see `__init_subclass__`) calling up: its wrapper converted the values and sets
+            # the config when that `__init__` returns
+            for name, value in hyperparameters.items():
+                setattr(self, name, value)
+            return
         if config is None:
-            try:
-                config = self.config_class(**hyperparameters)
-            except HyperparameterError as err:
-                raise ValueError(f"Strategy {self.name!r}: {err}") from None
+            config = self._build_config(self.config_class, hyperparameters)
         elif hyperparameters:
             raise ValueError(f"Strategy {self.name!r}: pass a config or hyperparameters by name, not both.")
         elif not isinstance(config, self.config_class):
@@ -129,6 +162,13 @@ class Strategy:
         self.config = config
         for name, value in config.to_dict().items():
             setattr(self, name, value)
+
+    def _build_config(self, config_class: type[StrategyConfig], hyperparameters: dict[str, Any]) -> StrategyConfig:
+        """`config_class(**hyperparameters)`, a value of the wrong type refused with the strategy's name."""
+        try:
+            return config_class(**hyperparameters)
+        except HyperparameterError as err:
+            raise ValueError(f"Strategy {self.name!r}: {err}") from None
 
     def prepare_model(self, model: nn.Module) -> None:
         """Called once before the optimizer is built; a method that trains only some parameters (e.g. RMU's chosen

@@ -1,21 +1,52 @@
-"""Composing strategies: a weighted ensemble in one step, and a pipeline of stages in sequence."""
+"""Composing strategies in one step: a weighted ensemble of per-step losses, and the attributes a composition takes
+from its parts. The pipeline of stages in sequence drives trainers, so it lives above the trainer
+(`erasus_hf.pipeline`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .base import Batch, Strategy, StrategyContext
+from .base import Batch, PerInstance, Strategy, StrategyContext
+from .config import HyperparameterError, StrategyConfig
 from .registry import get_strategy, register_strategy
 
 MemberSpec = tuple  # (name | Strategy, weight) or (name, weight, {hyperparameters})
 
 
-def _member(spec: MemberSpec | list) -> tuple[Strategy, float]:
+def positional_parts(
+    config: StrategyConfig | Sequence | None, hyperparameters: dict[str, Any], field_name: str
+) -> tuple[StrategyConfig | None, dict[str, Any]]:
+    """The config and hyperparameters of a composition built with its parts positionally (`EnsembleStrategy([...])`,
+    `PipelineStrategy([...])`, as before configs existed): the list is the `field_name` hyperparameter."""
+    if config is None or isinstance(config, StrategyConfig):
+        return config, hyperparameters
+    if field_name in hyperparameters:
+        raise TypeError(f"{field_name} given twice, positionally and by name.")
+    return None, {field_name: config, **hyperparameters}
+
+
+def listed_parts(value: Any, field_name: str, shape: str) -> list:
+    """`value`, a composition's parts (an ensemble's members, a pipeline's stages), as a list; anything but a list
+    or tuple is refused naming the hyperparameter."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise HyperparameterError(
+            f"hyperparameter {field_name!r} must be a list of {shape}, got {value!r} ({type(value).__name__})."
+        )
+    return list(value)
+
+
+def shared_objectives(parts: Sequence[Strategy]) -> tuple[str, ...]:
+    """The objectives every part serves, in the first part's order."""
+    return tuple(o for o in parts[0].objectives if all(o in s.objectives for s in parts))
+
+
+def member_spec(spec: MemberSpec | list) -> tuple[Any, float, dict[str, Any]]:
+    """`spec` as (strategy, weight, hyperparameters), the weight a finite float."""
     if len(spec) == 2:
         (strategy, weight), kwargs = spec, {}
     elif len(spec) == 3:
@@ -28,7 +59,28 @@ def _member(spec: MemberSpec | list) -> tuple[Strategy, float]:
         weight = math.nan
     if not math.isfinite(weight):
         raise ValueError(f"An ensemble member's weight must be a finite number, got {spec[1]!r} in {spec!r}.")
-    return get_strategy(strategy, **(kwargs or {})), weight
+    return strategy, weight, dict(kwargs or {})
+
+
+@dataclass
+class EnsembleConfig(StrategyConfig):
+    members: list[MemberSpec] = field(
+        default_factory=list,
+        metadata={
+            "help": "The members, each [name, weight] or [name, weight, {hyperparameters}] (a Strategy instance "
+            "may stand for the name); at least one, distinct strategies, finite weights. No default: an ensemble "
+            "is its members."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        members = listed_parts(self.members, "members", "[name, weight] or [name, weight, {hyperparameters}]")
+        if not members:
+            raise ValueError(
+                "EnsembleStrategy needs at least one (strategy, weight) member (members=[[name, weight]])."
+            )
+        self.members = [member_spec(spec) for spec in members]
 
 
 @register_strategy
@@ -39,16 +91,17 @@ class EnsembleStrategy(Strategy):
     `strategy="ensemble", strategy_kwargs={"members": [["npo", 1.0], ["simnpo", 0.5, {"beta": 3.0}]]}`.
     Members share forward passes: the step's context scores each batch once. Metrics are logged per member as
     `{name}/{metric}`. Needs what any member needs (retain set, reference quantities); serves the objectives all
-    members serve.
+    members serve. `members` holds the built (strategy, weight) pairs (`config.members` the specs).
     """
 
     name = "ensemble"
     paper = "composition of the members' papers"
+    config_class = EnsembleConfig
 
-    def __init__(self, members: Sequence[MemberSpec] = ()) -> None:
-        if not members:
-            raise ValueError("EnsembleStrategy needs at least one (strategy, weight) member.")
-        self.members = [_member(spec) for spec in members]
+    def __init__(self, config: EnsembleConfig | Sequence[MemberSpec] | None = None, /, **hyperparameters: Any) -> None:
+        config, hyperparameters = positional_parts(config, hyperparameters, "members")
+        super().__init__(config, **hyperparameters)
+        self.members = [(get_strategy(s, **kwargs), weight) for s, weight, kwargs in self.config.members]
         names = [s.name for s, _ in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"Ensemble members must be distinct strategies, got {names}")
@@ -58,13 +111,16 @@ class EnsembleStrategy(Strategy):
                 f"Ensemble members add per-step losses; {stateful} are one-shot edits or build state before training "
                 "(a saliency mask, a teacher, a schedule): run them alone or as StrategyPipeline stages."
             )
-        self.needs_reference = frozenset().union(*(s.needs_reference for s, _ in self.members))
-        self.uses_retain = any(s.uses_retain for s, _ in self.members)
-        self.token_level = any(s.token_level for s, _ in self.members)
-        self.stateful = any(s.stateful for s, _ in self.members)  # e.g. PDU's dual variable
-        self.objectives = tuple(
-            o for o in self.members[0][0].objectives if all(o in s.objectives for s, _ in self.members)
-        )
+
+    @property
+    def parts(self) -> list[Strategy]:
+        return [s for s, _ in self.members]
+
+    needs_reference = PerInstance(lambda self: frozenset().union(*(s.needs_reference for s in self.parts)))
+    uses_retain = PerInstance(lambda self: any(s.uses_retain for s in self.parts))
+    token_level = PerInstance(lambda self: any(s.token_level for s in self.parts))
+    stateful = PerInstance(lambda self: any(s.stateful for s in self.parts))  # e.g. PDU's dual variable
+    objectives = PerInstance(lambda self: shared_objectives(self.parts))
 
     @property
     def hyperparameters(self) -> dict[str, object]:
@@ -108,128 +164,3 @@ class EnsembleStrategy(Strategy):
             metrics[f"{strategy.name}/loss"] = loss.detach()
             metrics.update({f"{strategy.name}/{k}": v for k, v in member_metrics.items()})
         return total, metrics
-
-
-class StrategyPipeline:
-    """Stages in sequence: each starts from the previous stage's model with a fresh optimizer, and the reference
-    stays the original model throughout (never re-copied from a half-unlearned model).
-
-    `StrategyPipeline([("ga", {"num_train_epochs": 1}), ("npo", {"strategy_kwargs": {"beta": 0.1}})])`: each stage is
-    (strategy name, overrides of `UnlearningConfig` fields for that stage). The original model as reference: without
-    PEFT, one frozen copy made before the first stage (each stage may still cache its log-probs from it); with a
-    fresh LoRA adapter, the adapter-off model; with a pre-trained adapter, one snapshot taken before the first stage.
-    """
-
-    def __init__(self, stages: Sequence[tuple[str, dict[str, Any]] | list]) -> None:
-        if not stages:
-            raise ValueError("StrategyPipeline needs at least one (strategy, overrides) stage.")
-        self.stages = [(name, dict(overrides or {})) for name, overrides in stages]
-        # built now so unknown names fail early; asked what each stage needs (each stage's trainer builds its own)
-        self.strategies = [get_strategy(name, **(o.get("strategy_kwargs") or {})) for name, o in self.stages]
-
-    def run(self, model: nn.Module, args, **trainer_kwargs: Any) -> list:
-        """Train every stage with `UnlearningTrainer(model, stage_args, **trainer_kwargs)`; return the trainers.
-
-        `reference=` (an already built reference to the original model) is shared by every stage as it is."""
-        from ..peft_utils import is_peft_model
-        from ..reference import ModelReference, active_adapter, frozen_copy, snapshot_adapter
-        from ..trainer import UnlearningTrainer
-
-        ref_model, reference = trainer_kwargs.pop("ref_model", None), trainer_kwargs.pop("reference", None)
-        peft = args.use_peft or trainer_kwargs.get("peft_config") is not None or is_peft_model(model)
-        stage_args = [
-            dataclasses.replace(
-                args,
-                strategy=name,
-                output_dir=f"{args.output_dir}/stage_{i}_{name}",
-                **{"strategy_kwargs": {}, **overrides},
-            )
-            for i, (name, overrides) in enumerate(self.stages)
-        ]
-        strategies = self.strategies
-        needs = [bool(s.reference_quantities(a.retain_loss)) for s, a in zip(strategies, stage_args, strict=True)]
-        if reference is None and any(needs) and is_peft_model(model):
-            name = snapshot_adapter(model)
-            reference = ModelReference(model, "adapter", lambda: active_adapter(model, name))
-        elif reference is None and any(needs) and not peft and ref_model is None:
-            ref_model = frozen_copy(model)
-        trainers = []
-        for i, (strategy, stage_arg) in enumerate(zip(strategies, stage_args, strict=True)):
-            if i > 0:
-                trainer_kwargs.pop("peft_config", None)  # the adapter of stage 0 carries on
-            stage_kwargs = dict(trainer_kwargs)
-            if not strategy.needs_retain(stage_arg.retain_loss):
-                stage_kwargs.pop("retain_dataset", None)
-            trainer = UnlearningTrainer(
-                model,
-                stage_arg,
-                ref_model=ref_model if needs[i] else None,
-                reference=reference if needs[i] else None,
-                **stage_kwargs,
-            )
-            if peft and reference is None:  # a fresh adapter: adapter-off is the original from now on
-                model_ = trainer.model
-                reference = ModelReference(model_, "adapter", model_.disable_adapter)
-            trainer.train()
-            model = trainer.model
-            trainers.append(trainer)
-        return trainers
-
-
-@register_strategy
-class PipelineStrategy(Strategy):
-    """`StrategyPipeline` by name, for configs and YAML recipes:
-    `strategy="pipeline", strategy_kwargs={"stages": [["ga", {"max_steps": 20}], ["npo", {"retain_loss": "kl"}]]}`.
-
-    One-shot from the trainer's point of view: `train()` runs the stages on the trainer's model (with its adapter,
-    if any) and the trainer's raw forget/retain rows. The trainer builds one reference to the original model for all
-    stages: the adapter-off model with a fresh LoRA adapter, a frozen copy otherwise (never a cache: the stages'
-    batches differ from the trainer's).
-    """
-
-    name = "pipeline"
-    paper = "composition of the stages' papers"
-    one_shot = True
-
-    def __init__(self, stages: Sequence[tuple[str, dict[str, Any]] | list] = ()) -> None:
-        self.pipeline = StrategyPipeline(stages)
-        self.stages = [
-            (strategy, overrides)
-            for strategy, (_, overrides) in zip(self.pipeline.strategies, self.pipeline.stages, strict=True)
-        ]
-        self.uses_retain = any(s.uses_retain for s, _ in self.stages)
-        first = self.stages[0][0]
-        self.objectives = tuple(o for o in first.objectives if all(o in s.objectives for s, _ in self.stages))
-
-    @property
-    def hyperparameters(self) -> dict[str, object]:
-        return {"stages": [[name, overrides] for name, overrides in self.pipeline.stages]}
-
-    def needs_retain(self, retain_loss_name: str) -> bool:
-        return any(s.needs_retain(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)
-
-    def needs_token_scores(self, retain_loss_name: str) -> bool:
-        return any(s.needs_token_scores(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)
-
-    def reference_quantities(self, retain_loss_name: str) -> frozenset[str]:
-        needed = any(s.reference_quantities(o.get("retain_loss", retain_loss_name)) for s, o in self.stages)
-        return frozenset({"scores"}) if needed else frozenset()
-
-    def apply(self, trainer) -> dict[str, float]:
-        trainers = self.pipeline.run(
-            trainer.model,
-            trainer.args,
-            reference=trainer.reference,
-            forget_dataset=trainer.forget_rows,
-            retain_dataset=trainer.retain_rows,
-            processing_class=trainer.processing_class,
-            data_collator=trainer.data_collator.side_collator,
-            objective=trainer.objective,
-        )
-        trainer.state.global_step = sum(t.state.global_step for t in trainers)
-        return {
-            f"stage_{i}_{t.strategy.name}/{key}": value
-            for i, t in enumerate(trainers)
-            for key, value in t.state.log_history[-1].items()
-            if key.startswith("train_")
-        }

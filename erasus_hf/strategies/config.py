@@ -17,7 +17,7 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 
 class HyperparameterError(ValueError):
@@ -29,6 +29,9 @@ class StrategyConfig:
     """Base of every strategy's config: no hyperparameters. Subclasses add dataclass fields, each with a default and
     `metadata={"help": "..."}`, and validate values that a type cannot express in `__post_init__` (after calling
     this one, which converts every field to its annotated type)."""
+
+    # whether `config_from_signature` made this config from a strategy's `__init__` (the compatibility path)
+    from_signature: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = _field_types(type(self))
@@ -64,8 +67,8 @@ class StrategyConfig:
                 default = f.default_factory()
             else:
                 default = "(required)"
-            kind = str(hints.get(f.name, f.type)).replace("typing.", "")
-            kind = getattr(hints.get(f.name), "__name__", kind)
+            hint = hints.get(f.name, f.type)
+            kind = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")  # float, list[int]
             rows.append((f.name, kind, default, f.metadata.get("help", "")))
         return rows
 
@@ -166,4 +169,6 @@ def config_from_signature(owner: type, init: Callable) -> type[StrategyConfig]:
             continue
         default = dataclasses.field() if p.default is p.empty else dataclasses.field(default=p.default)
         fields.append((p.name, hints.get(p.name, Any), default))
-    return dataclasses.make_dataclass(f"{owner.__name__}Config", fields, bases=(StrategyConfig,))
+    return dataclasses.make_dataclass(
+        f"{owner.__name__}Config", fields, bases=(StrategyConfig,), namespace={"from_signature": True}
+    )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from importlib import resources
 
 import torch
 import torch.nn.functional as F
 
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .registry import register_strategy
 
 
@@ -15,6 +17,22 @@ def load_refusals() -> list[str]:
     """The 100 refusal answers of TOFU's code release (shipped in `erasus_hf/data/resources/idontknow.txt`)."""
     text = resources.files("erasus_hf.data").joinpath("resources/idontknow.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass
+class DPOConfig(StrategyConfig):
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "Inverse temperature of the log-sigmoid on the reward margin (> 0); 0.1: TOFU's and "
+            "open-unlearning's setting."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"DPO needs beta > 0, got {self.beta}")
 
 
 @register_strategy
@@ -39,11 +57,7 @@ class DPO(Strategy):
     paper = "https://arxiv.org/abs/2305.18290"
     needs_reference = frozenset({"sequence_logprob"})
     objectives = ("causal_lm", "vision_language")
-
-    def __init__(self, beta: float = 0.1) -> None:
-        if beta <= 0:
-            raise ValueError(f"DPO needs beta > 0, got {beta}")
-        self.beta = beta
+    config_class = DPOConfig  # IdkDPO inherits it
 
     def alternate_answers(self, forget, seed: int) -> list[str] | None:
         if "alternate" not in forget.column_names:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from .base import Strategy
-from .importance import fisher_diagonal, side_batches
+from .config import StrategyConfig
+from .importance import fisher_diagonal, side_batches, trainable_parameters
 from .registry import register_strategy
 
 
@@ -29,6 +32,27 @@ def fisher_noise(
         total_std += float(std.sum())
         count += std.numel()
     return total_std / count
+
+
+@dataclass
+class FisherForgettingConfig(StrategyConfig):
+    alpha: float = field(
+        default=1e-6,
+        metadata={
+            "help": "Noise scale (> 0): the noise variance is alpha / F; 1e-6, the released notebook's value and the "
+            "SSD paper's Fisher baseline."
+        },
+    )
+    max_inverse_fisher: float = field(
+        default=1e3,
+        metadata={"help": "Clamp (> 0) on 1 / (F + 1e-8), as in the released code: 1e3."},
+    )
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the Gaussian noise."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha <= 0 or self.max_inverse_fisher <= 0:
+            raise ValueError(f"Fisher forgetting needs alpha > 0 and max_inverse_fisher > 0, got {self.alpha}")
 
 
 @register_strategy
@@ -58,13 +82,7 @@ class FisherForgetting(Strategy):
     objectives = ("classification",)
     token_level = True  # reads the class logits
     one_shot = True
-
-    def __init__(self, alpha: float = 1e-6, max_inverse_fisher: float = 1e3, noise_seed: int = 0) -> None:
-        if alpha <= 0 or max_inverse_fisher <= 0:
-            raise ValueError(f"Fisher forgetting needs alpha > 0 and max_inverse_fisher > 0, got {alpha}")
-        self.alpha = alpha
-        self.max_inverse_fisher = max_inverse_fisher
-        self.noise_seed = noise_seed
+    config_class = FisherForgettingConfig
 
     def needs_retain(self, retain_loss_name: str) -> bool:
         return True
@@ -76,7 +94,7 @@ class FisherForgetting(Strategy):
         fisher = fisher_diagonal(
             model, trainer.objective, side_batches(trainer, trainer.train_dataset.retain, batch_size=1)
         )
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = trainable_parameters(model)
         generator = torch.Generator().manual_seed(self.noise_seed)
         mean_std = fisher_noise(params, fisher, self.alpha, self.max_inverse_fisher, generator)
         return {"fisher_mean_std": mean_std}

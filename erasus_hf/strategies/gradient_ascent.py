@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .registry import register_strategy
 
 
@@ -21,6 +22,7 @@ class GradientAscent(Strategy):
     name = "ga"
     paper = "https://arxiv.org/abs/2210.01504"
     uses_retain = False
+    config_class = StrategyConfig  # no hyperparameters (GradDiff inherits this)
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):
         nll = ctx.score(forget).mean_nll.mean()

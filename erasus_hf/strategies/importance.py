@@ -2,7 +2,8 @@
 instead of) training: SalUn's saliency, SSD's importances, Fisher forgetting's diagonal Fisher.
 
 Every statistic is computed with the model in eval mode (no dropout) over the parameters that require a gradient,
-from the objective's score, so the batches are exactly what the strategy's loss sees.
+from the objective's score, so the batches are exactly what the strategy's loss sees. `gradient_sums` is the
+accumulation under them, for a strategy with a loss of its own (the diffusion SalUn's guided loss).
 """
 
 from __future__ import annotations
@@ -52,19 +53,33 @@ def class_logits(scores: Scores) -> torch.Tensor:
     return scores.logits[:, 0]
 
 
-def _gradients(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(params.items(), grads, strict=True)}
+def gradient_sums(
+    params: dict[str, nn.Parameter], losses: Iterable[torch.Tensor], power: int = 1
+) -> tuple[dict[str, torch.Tensor], int]:
+    """(sum over `losses` of (grad_theta loss)^power per parameter, the number of losses); a parameter that a loss
+    does not reach adds zero. The caller sets the model's mode (the classifier statistics run in eval mode)."""
+    sums = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for name, g in zip(params, grads, strict=True):
+            if g is not None:
+                sums[name] += g if power == 1 else g.pow(power)
+        count += 1
+    return sums, count
+
+
+def _batch_ce(model: nn.Module, objective: Objective, batches: Iterable[Batch]) -> Iterator[torch.Tensor]:
+    """CE(batch), the batch-mean NLL of the labels, of each batch in turn."""
+    for batch in batches:
+        yield objective.score(model, batch).mean_nll.mean()
 
 
 def summed_gradients(model: nn.Module, objective: Objective, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
     """sum over batches of grad_theta CE(batch), CE the batch-mean NLL of the labels (SalUn's saliency gradient)."""
     params = trainable_parameters(model)
-    sums = {n: torch.zeros_like(p) for n, p in params.items()}
     with eval_mode(model):
-        for batch in batches:
-            for name, g in _gradients(objective.score(model, batch).mean_nll.mean(), params).items():
-                sums[name] += g
+        sums, _ = gradient_sums(params, _batch_ce(model, objective, batches))
     return sums
 
 
@@ -72,13 +87,8 @@ def squared_gradients(model: nn.Module, objective: Objective, batches: Iterable[
     """mean over batches of (grad_theta CE(batch))^2: the diagonal importances of SSD's reference code (squared
     mini-batch gradients, averaged over the mini-batches)."""
     params = trainable_parameters(model)
-    sums = {n: torch.zeros_like(p) for n, p in params.items()}
-    count = 0
     with eval_mode(model):
-        for batch in batches:
-            for name, g in _gradients(objective.score(model, batch).mean_nll.mean(), params).items():
-                sums[name] += g.pow(2)
-            count += 1
+        sums, count = gradient_sums(params, _batch_ce(model, objective, batches), power=2)
     if count == 0:
         raise ValueError("No batch to compute importances from.")
     return {n: s / count for n, s in sums.items()}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .registry import register_strategy
 
 
@@ -18,6 +22,22 @@ def linear_decay(gamma: float, step: int, total_steps: int) -> float:
 def l1_norm(model: torch.nn.Module) -> torch.Tensor:
     """||theta||_1 over the trained parameters."""
     return sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class L1SparseConfig(StrategyConfig):
+    gamma: float = field(
+        default=5e-4,
+        metadata={
+            "help": "Weight (>= 0) of the l1 penalty at the first step, decaying linearly to 0; 5e-4, the paper's "
+            "CIFAR-10 value as we read it."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gamma < 0:
+            raise ValueError(f"l1_sparse needs gamma >= 0, got {self.gamma}")
 
 
 @register_strategy
@@ -41,13 +61,12 @@ class L1Sparse(Strategy):
     name = "l1_sparse"
     paper = "https://arxiv.org/abs/2304.04934"
     objectives = ("classification",)
+    config_class = L1SparseConfig
 
-    def __init__(self, gamma: float = 5e-4) -> None:
-        if gamma < 0:
-            raise ValueError(f"l1_sparse needs gamma >= 0, got {gamma}")
-        self.gamma = gamma
-        self._trainer = None
-        self._last_total_steps: int | None = None
+    def __init__(self, config: L1SparseConfig | None = None, /, **hyperparameters: Any) -> None:
+        super().__init__(config, **hyperparameters)
+        self._trainer = None  # the running trainer (its state holds the run's total steps), set by `setup`
+        self._last_total_steps: int | None = None  # the finished run's length, for a later evaluate()
 
     def needs_retain(self, retain_loss_name: str) -> bool:
         return True

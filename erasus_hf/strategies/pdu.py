@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..objectives import Scores
-from .base import Batch, Strategy, StrategyContext, retain_loss
+from .base import Batch, PerInstance, Strategy, StrategyContext, retain_loss
+from .config import StrategyConfig
 from .npo import NPO
 from .registry import register_strategy
 
@@ -23,6 +25,60 @@ def logit_margin_flattening(scores: Scores) -> torch.Tensor:
     per_token = torch.zeros(mask.shape, dtype=margins.dtype, device=margins.device)
     per_token[mask] = margins
     return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+@dataclass
+class PDUConfig(StrategyConfig):
+    epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "Required: the bound on the retain loss (L_retain <= epsilon), above the starting model's retain "
+            "loss, e.g. (1 + tolerance) x that loss; the authors used 0.3 on TOFU."
+        },
+    )
+    eta: float = field(
+        default=5.0, metadata={"help": "Dual step size of lambda's ascent (>= 0); 5: the authors' TOFU."}
+    )
+    initial_lambda: float = field(
+        default=100.0,
+        metadata={"help": "lambda at step 0, the retain weight (>= 0); 100: the authors' TOFU setting."},
+    )
+    warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps before lambda starts moving (>= 0); the authors wait 5 epochs (5 x steps per "
+            "epoch), 0 starts at once."
+        },
+    )
+    forget_objective: str = field(
+        default="logit_margin",
+        metadata={
+            "help": "The forget term: 'logit_margin' (the paper's flattening loss), or the scalarised baselines 'ga' "
+            "and 'npo'."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epsilon is None:
+            raise ValueError(
+                "PDU needs epsilon, the bound on the retain loss (L_retain <= epsilon): pass strategy_kwargs="
+                "{'epsilon': ...}, a value above the starting model's retain loss (the authors used 0.3 on TOFU)."
+            )
+        if self.eta < 0:
+            raise ValueError(f"PDU needs eta >= 0, got {self.eta}")
+        if self.initial_lambda < 0:
+            raise ValueError(f"PDU needs initial_lambda >= 0, got {self.initial_lambda}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"PDU needs warmup_steps >= 0, got {self.warmup_steps}")
+        if self.forget_objective not in FORGET_OBJECTIVES:
+            raise ValueError(f"PDU forget_objective must be one of {FORGET_OBJECTIVES}, got {self.forget_objective!r}")
+
+
+def reads_logits(pdu: PDU) -> bool:
+    """Whether PDU's forget term reads the target tokens' logits: the logit margin does, "ga" and "npo" read
+    sequence log-likelihoods."""
+    return pdu.forget_objective == "logit_margin"
 
 
 @register_strategy
@@ -65,37 +121,14 @@ class PDU(Strategy):
 
     name = "pdu"
     paper = "https://arxiv.org/abs/2506.05314"
-    token_level = True  # the logit-margin forget loss; the "ga" and "npo" forget terms are sequence-level
+    # an instance's forget term decides; the class answers for its default, the logit margin
+    token_level = PerInstance(reads_logits, class_value=True)
     stateful = True
+    config_class = PDUConfig
 
-    def __init__(
-        self,
-        epsilon: float | None = None,
-        eta: float = 5.0,
-        initial_lambda: float = 100.0,
-        warmup_steps: int = 0,
-        forget_objective: str = "logit_margin",
-    ) -> None:
-        if epsilon is None:
-            raise ValueError(
-                "PDU needs epsilon, the bound on the retain loss (L_retain <= epsilon): pass strategy_kwargs="
-                "{'epsilon': ...}, a value above the starting model's retain loss (the authors used 0.3 on TOFU)."
-            )
-        if eta < 0:
-            raise ValueError(f"PDU needs eta >= 0, got {eta}")
-        if initial_lambda < 0:
-            raise ValueError(f"PDU needs initial_lambda >= 0, got {initial_lambda}")
-        if warmup_steps < 0:
-            raise ValueError(f"PDU needs warmup_steps >= 0, got {warmup_steps}")
-        if forget_objective not in FORGET_OBJECTIVES:
-            raise ValueError(f"PDU forget_objective must be one of {FORGET_OBJECTIVES}, got {forget_objective!r}")
-        self.forget_objective = forget_objective
-        self.token_level = forget_objective == "logit_margin"
-        self.epsilon = float(epsilon)
-        self.eta = eta
-        self.initial_lambda = initial_lambda
-        self.warmup_steps = warmup_steps
-        self.dual = float(initial_lambda)
+    def __init__(self, config: PDUConfig | None = None, /, **hyperparameters: Any) -> None:
+        super().__init__(config, **hyperparameters)
+        self.dual = float(self.initial_lambda)
         self._step: int | None = None  # optimizer step whose micro-batch retain losses are buffered
         self._buffer: list[torch.Tensor] = []
 

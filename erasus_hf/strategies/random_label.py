@@ -3,13 +3,16 @@ most salient for the forget set)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .importance import class_logits, side_batches, summed_gradients
 from .registry import register_strategy
-from .saliency import MaskedUpdates, saliency_masks
+from .saliency import MaskedUpdates, SaliencyConfig, saliency_masks
 
 
 def random_wrong_labels(labels: torch.Tensor, index: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
@@ -23,6 +26,17 @@ def random_wrong_labels(labels: torch.Tensor, index: torch.Tensor, num_classes: 
         for i in index.tolist()
     ]
     return (labels + torch.tensor(offsets, device=labels.device)) % num_classes
+
+
+@dataclass
+class RandomLabelConfig(StrategyConfig):
+    relabel_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the random wrong labels, drawn once per example (with its index); the paper has no "
+            "method hyperparameter besides it."
+        },
+    )
 
 
 @register_strategy
@@ -42,9 +56,7 @@ class RandomLabel(Strategy):
     paper = "https://arxiv.org/abs/2010.10981"
     objectives = ("classification",)
     token_level = True  # reads the class logits
-
-    def __init__(self, relabel_seed: int = 0) -> None:
-        self.relabel_seed = relabel_seed
+    config_class = RandomLabelConfig
 
     def relabelled(self, forget: Batch, num_classes: int) -> torch.Tensor:
         if "index" not in forget:
@@ -58,6 +70,12 @@ class RandomLabel(Strategy):
         logits = class_logits(ctx.score(forget))
         loss = F.cross_entropy(logits.float(), self.relabelled(forget, logits.shape[-1]))
         return loss, {"forget_nll": ctx.score(forget).mean_nll.detach().mean()}
+
+
+@dataclass
+class SalUnConfig(RandomLabelConfig, SaliencyConfig):
+    """mask_fraction (from `SaliencyConfig`), then relabel_seed (from `RandomLabelConfig`): dataclass fields come in
+    the reverse order of the bases."""
 
 
 @register_strategy
@@ -85,14 +103,7 @@ class SalUn(MaskedUpdates, RandomLabel):
 
     name = "salun"
     paper = "https://arxiv.org/abs/2310.12508"
-
-    def __init__(self, mask_fraction: float = 0.5, relabel_seed: int = 0) -> None:
-        if not 0 < mask_fraction <= 1:
-            raise ValueError(f"SalUn needs 0 < mask_fraction <= 1, got {mask_fraction}")
-        super().__init__(relabel_seed=relabel_seed)
-        self.mask_fraction = mask_fraction
-        self.masks = {}
-        self._hooks = []
+    config_class = SalUnConfig
 
     def setup(self, trainer) -> dict[str, float]:
         """Build the saliency mask from the forget set and restrict the updates to it (the trainer calls this); on

@@ -32,7 +32,9 @@ def get_strategy(name: str | Strategy, **kwargs: Any) -> Strategy:
 
 def check_token_scores(strategy: Strategy, objective: Objective, retain_loss_name: str) -> None:
     """Refuse a strategy that reads per-token log-probs or logits for an objective whose scores have none (CTC gives a
-    sequence likelihood only), naming the registered strategies that can serve it."""
+    sequence likelihood only), naming the registered strategies that can serve it. That list is read from the
+    classes, each answering for its default hyperparameters (`PerInstance`: PDU counts as token-level, its default
+    forget term reads logits; `strategy` itself answers for its own)."""
     if objective.supports_token_scores or not strategy.needs_token_scores(retain_loss_name):
         return
     what = "its loss reads" if strategy.token_level else f"retain_loss={retain_loss_name!r} (a KL) reads"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from torch import nn
 from ..objectives import Objective, Scores
 from ..peft_utils import is_peft_model
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .registry import register_strategy
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
@@ -91,6 +94,49 @@ def answer_positions(scores: Scores) -> torch.Tensor:
     return positions
 
 
+@dataclass
+class RMUConfig(StrategyConfig):
+    layer_id: int = field(
+        default=7,
+        metadata={
+            "help": "Decoder layer l whose output is steered (>= 0, below the model's num_hidden_layers); 7: the "
+            "published Zephyr-7B run."
+        },
+    )
+    steering_coeff: float = field(
+        default=6.5,
+        metadata={
+            "help": "c, the norm of the target c u (> 0); it must scale with the activations' norm at layer l; 6.5: "
+            "the published Zephyr-7B run."
+        },
+    )
+    alpha: float = field(
+        default=1200.0,
+        metadata={"help": "Weight of the activation-matching retain term (>= 0); 1200: the published Zephyr-7B run."},
+    )
+    param_layer_ids: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers whose mlp.down_proj trains (a non-empty list of indices >= 0); None: [l-2, l-1, l] "
+            "clipped at 0, the published [5, 6, 7]."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the random direction u; 42: the official code's."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer_id < 0:
+            raise ValueError(f"RMU needs layer_id >= 0, got {self.layer_id}")
+        if self.steering_coeff <= 0:
+            raise ValueError(f"RMU needs steering_coeff > 0, got {self.steering_coeff}")
+        if self.alpha < 0:
+            raise ValueError(f"RMU needs alpha >= 0, got {self.alpha}")
+        if self.param_layer_ids is not None and (not self.param_layer_ids or min(self.param_layer_ids) < 0):
+            raise ValueError(
+                f"RMU param_layer_ids must be a non-empty list of layer indices, got {self.param_layer_ids}"
+            )
+
+
 @register_strategy
 class RMU(Strategy):
     """Representation Misdirection for Unlearning.
@@ -138,33 +184,11 @@ class RMU(Strategy):
     paper = "https://arxiv.org/abs/2403.03218"
     needs_reference = frozenset({"scores"})
     objectives = ("causal_lm",)
+    config_class = RMUConfig
 
-    def __init__(
-        self,
-        layer_id: int = 7,
-        steering_coeff: float = 6.5,
-        alpha: float = 1200.0,
-        param_layer_ids: list[int] | None = None,
-        seed: int = 42,
-    ) -> None:
-        if layer_id < 0:
-            raise ValueError(f"RMU needs layer_id >= 0, got {layer_id}")
-        if steering_coeff <= 0:
-            raise ValueError(f"RMU needs steering_coeff > 0, got {steering_coeff}")
-        if alpha < 0:
-            raise ValueError(f"RMU needs alpha >= 0, got {alpha}")
-        if param_layer_ids is not None:
-            param_layer_ids = [int(i) for i in param_layer_ids]
-            if not param_layer_ids or min(param_layer_ids) < 0:
-                raise ValueError(
-                    f"RMU param_layer_ids must be a non-empty list of layer indices, got {param_layer_ids}"
-                )
-        self.layer_id = layer_id
-        self.steering_coeff = steering_coeff
-        self.alpha = alpha
-        self.param_layer_ids = param_layer_ids
-        self.seed = seed
-        self._u: dict[int, torch.Tensor] = {}
+    def __init__(self, config: RMUConfig | None = None, /, **hyperparameters: Any) -> None:
+        super().__init__(config, **hyperparameters)
+        self._u: dict[int, torch.Tensor] = {}  # the steering vector u, by hidden size
 
     # ---- the fixed direction and the trained parameters ----
 

@@ -2,12 +2,37 @@
 
 A strategy that trains only the salient weights builds its mask once before training (`setup(trainer)`, from the
 gradient of its forget loss) and calls `MaskedUpdates.install_masks`; the trainer calls `teardown()` after training.
+Its config derives from `SaliencyConfig` (the mask's size, `mask_fraction`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from transformers import TrainerCallback
+
+from .base import Strategy
+from .config import StrategyConfig
+
+
+@dataclass
+class SaliencyConfig(StrategyConfig):
+    """The hyperparameter every SalUn variant (classifier, diffusion) shares: how much of the model its mask keeps."""
+
+    mask_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of the trained weights in the saliency mask, in (0, 1]: the top mask_fraction of |g| "
+            "(one global ranking), g the summed forget-loss gradient; 0.5 (the released code's 50% mask)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.mask_fraction <= 1:
+            raise ValueError(f"SalUn needs 0 < mask_fraction <= 1, got {self.mask_fraction}")
 
 
 def saliency_masks(gradients: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
@@ -52,8 +77,8 @@ class _RestoreMaskedOut(TrainerCallback):
             param.data[outside] = values
 
 
-class MaskedUpdates:
-    """Mixin: train only where a mask is 1.
+class MaskedUpdates(Strategy):
+    """Base of the strategies that train only where a mask is 1 (put it first among a strategy's bases).
 
     `install_masks` (i) multiplies every gradient by its mask with a tensor hook, so the masked-out entries get a zero
     gradient and gradient clipping sees the masked gradient (SalUn's `param.grad *= mask`), and (ii) restores the
@@ -63,18 +88,20 @@ class MaskedUpdates:
     carried from earlier steps. The values are stored once when the mask is built (a copy of the masked-out entries).
     """
 
-    masks: dict[str, torch.Tensor]
-    _hooks: list
-    _restore: _RestoreMaskedOut | None = None
-    _trainer = None
-    _resumed_masks: dict[str, torch.Tensor] | None = None
     stateful = True  # the mask, built once from the starting model, is carried by checkpoints
+    config_class = StrategyConfig  # no hyperparameter of its own; each strategy declares its config
+
+    def __init__(self, config: StrategyConfig | None = None, /, **hyperparameters: Any) -> None:
+        super().__init__(config, **hyperparameters)
+        self.masks: dict[str, torch.Tensor] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._restore: _RestoreMaskedOut | None = None
+        self._trainer = None  # the trainer the restore callback is added to
+        self._resumed_masks: dict[str, torch.Tensor] | None = None  # a checkpoint's mask, installed by the next setup
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The installed mask, `mask.{parameter name}` -> bool tensor."""
-        return {
-            f"mask.{name}": mask.detach().bool().cpu() for name, mask in (getattr(self, "masks", None) or {}).items()
-        }
+        return {f"mask.{name}": mask.detach().bool().cpu() for name, mask in self.masks.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Keep a checkpoint's mask: the next `install_masks` (the strategy's `setup` on resume) installs it in place
@@ -111,7 +138,7 @@ class MaskedUpdates:
         return kept_fraction(masks)
 
     def teardown(self) -> None:
-        for hook in getattr(self, "_hooks", []):
+        for hook in self._hooks:
             hook.remove()
         self._hooks = []
         if self._restore is not None and self._trainer is not None:

@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .base import Batch, Strategy, StrategyContext, kl_to_reference
+from .config import StrategyConfig
 from .registry import register_strategy
+
+
+@dataclass
+class SCRUBConfig(StrategyConfig):
+    temperature: float = field(
+        default=4.0,
+        metadata={"help": "Distillation temperature T of both KL terms (> 0); 4: the authors' large-scale notebook."},
+    )
+    alpha: float = field(
+        default=0.001,
+        metadata={"help": "Weight of the retain KL in the min-step; 0.001: the authors' large-scale notebook."},
+    )
+    gamma: float = field(
+        default=0.99,
+        metadata={
+            "help": "Weight of the retain cross-entropy in the min-step; 0.99: the authors' large-scale notebook."
+        },
+    )
+    max_epochs: int = field(
+        default=2,
+        metadata={
+            "help": "Epochs with max-steps (every other step; min-steps only after); 2 of 3: the authors' "
+            "large-scale notebook (msteps = 2, sgda_epochs = 3)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"SCRUB needs temperature > 0, got {self.temperature}")
 
 
 @register_strategy
@@ -39,14 +72,7 @@ class SCRUB(Strategy):
     paper = "https://arxiv.org/abs/2302.09880"
     needs_reference = frozenset({"scores"})
     token_level = True
-
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.001, gamma: float = 0.99, max_epochs: int = 2):
-        if temperature <= 0:
-            raise ValueError(f"SCRUB needs temperature > 0, got {temperature}")
-        self.temperature = temperature
-        self.alpha = alpha
-        self.gamma = gamma
-        self.max_epochs = max_epochs
+    config_class = SCRUBConfig
 
     def needs_retain(self, retain_loss_name: str) -> bool:
         return True

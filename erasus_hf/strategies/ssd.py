@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from .base import Strategy
-from .importance import side_batches, squared_gradients
+from .config import StrategyConfig
+from .importance import side_batches, squared_gradients, trainable_parameters
 from .registry import register_strategy
 
 
@@ -29,6 +32,26 @@ def dampen(
         selected += int(where.sum())
         total += where.numel()
     return selected / total
+
+
+@dataclass
+class SSDConfig(StrategyConfig):
+    alpha: float = field(
+        default=10.0,
+        metadata={"help": "Selection weighting (> 0): dampen where []_f > alpha []_D; the paper's value is 10."},
+    )
+    dampening: float = field(
+        default=1.0,
+        metadata={
+            "help": "Dampening constant lambda (> 0): beta = min(lambda []_D / []_f, 1); the paper's value is 1."
+        },
+    )
+    shuffle_seed: int = field(default=0, metadata={"help": "Seed of the shuffle of the full data's batches."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha <= 0 or self.dampening <= 0:
+            raise ValueError(f"SSD needs alpha > 0 and dampening > 0, got {self.alpha}, {self.dampening}")
 
 
 @register_strategy
@@ -54,13 +77,7 @@ class SSD(Strategy):
     paper = "https://arxiv.org/abs/2308.07707"
     objectives = ("classification",)
     one_shot = True
-
-    def __init__(self, alpha: float = 10.0, dampening: float = 1.0, shuffle_seed: int = 0) -> None:
-        if alpha <= 0 or dampening <= 0:
-            raise ValueError(f"SSD needs alpha > 0 and dampening > 0, got {alpha}, {dampening}")
-        self.alpha = alpha
-        self.dampening = dampening
-        self.shuffle_seed = shuffle_seed
+    config_class = SSDConfig
 
     def needs_retain(self, retain_loss_name: str) -> bool:
         return True
@@ -77,6 +94,6 @@ class SSD(Strategy):
             trainer, data.forget, data.retain, batch_size=batch_size, shuffle_seed=self.shuffle_seed
         )
         full_importance = squared_gradients(model, objective, full_batches)
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = trainable_parameters(model)
         selected = dampen(params, full_importance, forget_importance, self.alpha, self.dampening)
         return {"ssd_selected_fraction": selected}

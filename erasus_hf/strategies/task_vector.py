@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..peft_utils import is_peft_model
+from ..reference import frozen_copy
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .registry import register_strategy
 
 
@@ -61,29 +64,15 @@ def copy_adapter(model: nn.Module, source: str, target: str) -> str:
     return target
 
 
-def finetune_on_forget(trainer, model: nn.Module, dataset=None) -> nn.Module:
-    """Fine-tune `model` in place on the trainer's forget set (or `dataset`: pre-tokenized rows) with the trainer's
-    own arguments (learning rate, epochs, batch size, ...), and return it."""
-    from ..trainer import UnlearningTrainer
-
-    args = dataclasses.replace(
-        trainer.args,
-        strategy=ForgetFinetune(),
-        strategy_kwargs={},
-        use_peft=False,
-        reference="none",
-        save_strategy="no",
-        output_dir=f"{trainer.args.output_dir}/reinforced",
+@dataclass
+class TaskVectorConfig(StrategyConfig):
+    scaling: float = field(
+        default=1.0,
+        metadata={
+            "help": "lambda, the multiple of the task vector (theta_ft - theta_start) subtracted from the start; "
+            "1.0 by default (the paper picks it on held-out data from [0, 1])."
+        },
     )
-    UnlearningTrainer(
-        model,
-        args,
-        forget_dataset=dataset if dataset is not None else trainer.train_dataset.forget,
-        processing_class=trainer.processing_class,
-        data_collator=trainer.data_collator.side_collator,
-        objective=trainer.objective,
-    ).train()
-    return model
 
 
 @register_strategy
@@ -111,9 +100,7 @@ class TaskVector(Strategy):
     paper = "https://arxiv.org/abs/2212.04089"
     uses_retain = False
     one_shot = True
-
-    def __init__(self, scaling: float = 1.0) -> None:
-        self.scaling = scaling
+    config_class = TaskVectorConfig
 
     @torch.no_grad()
     def _negate(self, model: nn.Module, finetuned: nn.Module) -> None:
@@ -122,15 +109,11 @@ class TaskVector(Strategy):
             param.sub_(self.scaling * (finetuned_params[name] - param))
 
     def apply(self, trainer) -> dict[str, float]:
-        from ..peft_utils import is_peft_model
-
         model = trainer.model
         if not is_peft_model(model):
-            twin = copy.deepcopy(model)
-            twin.__dict__.pop("forward", None)  # see trainer.frozen_copy
-            self._negate(model, finetune_on_forget(trainer, twin))
+            self._negate(model, trainer.finetune_on_forget(frozen_copy(model)))
         elif adapter_adds_nothing(model):  # a fresh adapter: the start is the base, the adapter delta the vector
-            finetune_on_forget(trainer, model)
+            trainer.finetune_on_forget(model)
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if ("lora_B" in name or "lora_embedding_B" in name) and param.requires_grad:
@@ -138,7 +121,7 @@ class TaskVector(Strategy):
         else:  # an arrived adapter: delta_new = (1 + lambda) delta_start - lambda delta_ft, rank r_start + r_ft
             name = model.active_adapter
             start = copy_adapter(model, name, START_ADAPTER)
-            finetune_on_forget(trainer, model)
+            trainer.finetune_on_forget(model)
             combined = "erasus_task_vector"
             model.add_weighted_adapter([start, name], [1 + self.scaling, -self.scaling], combined, "cat")
             model.base_model.set_adapter(combined)

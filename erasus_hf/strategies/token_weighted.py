@@ -9,10 +9,13 @@ length. Logits are only upcast to float32 at the answer positions ([N, V], never
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..objectives import Scores
 from .base import Batch, Strategy, StrategyContext
+from .config import StrategyConfig
 from .registry import register_strategy
 
 
@@ -49,6 +52,22 @@ def _forget_nll(scores: Scores) -> torch.Tensor:
     return scores.mean_nll.detach().float().mean()
 
 
+@dataclass
+class WGAConfig(StrategyConfig):
+    beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "Exponent of the token weight p_t^beta (>= 0; 0 is plain gradient ascent); 1: open-unlearning's "
+            "WGA config (the authors tune it per run)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 0:
+            raise ValueError(f"WGA needs beta >= 0, got {self.beta}")
+
+
 @register_strategy
 class WGA(Strategy):
     """Weighted Gradient Ascent: gradient ascent with each token weighted by its own (detached) likelihood.
@@ -66,11 +85,7 @@ class WGA(Strategy):
     name = "wga"
     paper = "https://arxiv.org/abs/2502.19301"
     token_level = True
-
-    def __init__(self, beta: float = 1.0) -> None:
-        if beta < 0:
-            raise ValueError(f"WGA needs beta >= 0, got {beta}")
-        self.beta = beta
+    config_class = WGAConfig
 
     def weights(self, prob: torch.Tensor) -> torch.Tensor:
         return prob**self.beta
@@ -82,6 +97,23 @@ class WGA(Strategy):
         loss = -example_mean(weight * nll, scores.mask).mean()
         mean_weight = weight[scores.mask].mean() if scores.mask.any() else weight.new_zeros(())
         return loss, {"forget_nll": _forget_nll(scores), f"{self.name}_weight": mean_weight.detach()}
+
+
+@dataclass
+class SatImpConfig(StrategyConfig):
+    beta1: float = field(
+        default=5.0,
+        metadata={"help": "Exponent of the saturation weight p_t^beta1 (>= 0); 5: the paper's setting."},
+    )
+    beta2: float = field(
+        default=1.0,
+        metadata={"help": "Exponent of the importance weight (1 - p_t)^beta2 (>= 0); 1: the paper's setting."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta1 < 0 or self.beta2 < 0:
+            raise ValueError(f"SatImp needs beta1, beta2 >= 0, got {self.beta1}, {self.beta2}")
 
 
 @register_strategy
@@ -103,12 +135,7 @@ class SatImp(WGA):
 
     name = "satimp"
     paper = "https://arxiv.org/abs/2505.11953"
-
-    def __init__(self, beta1: float = 5.0, beta2: float = 1.0) -> None:
-        if beta1 < 0 or beta2 < 0:
-            raise ValueError(f"SatImp needs beta1, beta2 >= 0, got {beta1}, {beta2}")
-        self.beta1 = beta1
-        self.beta2 = beta2
+    config_class = SatImpConfig  # its own weights, not WGA's beta
 
     def weights(self, prob: torch.Tensor) -> torch.Tensor:
         saturation, importance = prob**self.beta1, (1 - prob) ** self.beta2
@@ -120,6 +147,22 @@ def _soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor) -> to
     target = torch.softmax(target_logits.detach().float(), dim=-1)
     log_p = torch.log_softmax(logits.float(), dim=-1)
     return -(target * log_p).sum(-1)
+
+
+@dataclass
+class UNDIALConfig(StrategyConfig):
+    beta: float = field(
+        default=10.0,
+        metadata={
+            "help": "How far the true token's reference logit is lowered in the target (>= 0); 10: open-unlearning's "
+            "UNDIAL config (the paper searches 3, 10, 30)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 0:
+            raise ValueError(f"UNDIAL needs beta >= 0, got {self.beta}")
 
 
 @register_strategy
@@ -142,11 +185,7 @@ class UNDIAL(Strategy):
     paper = "https://arxiv.org/abs/2402.10052"
     needs_reference = frozenset({"scores"})
     token_level = True
-
-    def __init__(self, beta: float = 10.0) -> None:
-        if beta < 0:
-            raise ValueError(f"UNDIAL needs beta >= 0, got {beta}")
-        self.beta = beta
+    config_class = UNDIALConfig
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):
         reference = ctx.require_reference().scores(ctx.objective, forget)  # before the policy pass, see reference.py
@@ -161,6 +200,17 @@ class UNDIAL(Strategy):
         target_prob = torch.softmax(ref_logits, dim=-1)[rows, targets]
         target_prob = target_prob.mean() if targets.numel() else target_prob.new_zeros(())
         return loss, {"forget_nll": _forget_nll(scores), "undial_target_prob": target_prob.detach()}
+
+
+@dataclass
+class CEUConfig(StrategyConfig):
+    ignore_first_token: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave each answer's first token out of the mean; true: open-unlearning's CE-U "
+            "(`ignore_first_n_answer_tokens: 1`), after a footnote to the paper's training settings."
+        },
+    )
 
 
 @register_strategy
@@ -181,9 +231,7 @@ class CEU(Strategy):
     name = "ce_u"
     paper = "https://arxiv.org/abs/2503.01224"
     token_level = True
-
-    def __init__(self, ignore_first_token: bool = True) -> None:
-        self.ignore_first_token = bool(ignore_first_token)
+    config_class = CEUConfig
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):
         scores = ctx.score(forget)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -10,10 +11,34 @@ from datasets import Dataset
 from ..data.anchored import anchored_example
 from ..data.collator import QACollator
 from ..peft_utils import is_peft_model
-from ..reference import active_adapter, eval_mode
+from ..reference import active_adapter, eval_mode, frozen_copy
 from .base import Strategy
+from .config import StrategyConfig
 from .registry import register_strategy
-from .task_vector import START_ADAPTER, adapter_adds_nothing, copy_adapter, finetune_on_forget
+from .task_vector import START_ADAPTER, adapter_adds_nothing, copy_adapter
+
+
+@dataclass
+class WHPConfig(StrategyConfig):
+    alpha: float = field(
+        default=5.0,
+        metadata={
+            "help": "Strength of the suppression in v_base - alpha ReLU(v_reinforced - v_base); 5.0 is our default "
+            "(the paper gives the formula, we could not verify its value: tune it)."
+        },
+    )
+    anchored_terms: dict[str, str] | None = field(
+        default_factory=dict,
+        metadata={
+            "help": 'Anchored-term dictionary {term: generic translation} (e.g. {"Hogwarts": "the academy"}); '
+            "v_base is read on the translated text. Empty by default (no translation); needs raw question/answer "
+            "rows and a fast tokenizer."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.anchored_terms = dict(self.anchored_terms or {})
 
 
 @register_strategy
@@ -46,10 +71,7 @@ class WHP(Strategy):
     uses_retain = False
     one_shot = True
     objectives = ("causal_lm",)
-
-    def __init__(self, alpha: float = 5.0, anchored_terms: dict[str, str] | None = None) -> None:
-        self.alpha = alpha
-        self.anchored_terms = dict(anchored_terms or {})
+    config_class = WHPConfig
 
     def generic_labels(self, logits_base: torch.Tensor, logits_reinforced: torch.Tensor) -> torch.Tensor:
         """argmax of v_base - alpha ReLU(v_reinforced - v_base), per position."""
@@ -107,16 +129,14 @@ class WHP(Strategy):
     def apply(self, trainer) -> dict[str, float]:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        from ..reference import frozen_copy
-
         model = trainer.model
         if not is_peft_model(model):
             reinforced = frozen_copy(model)
-            finetune_on_forget(trainer, reinforced)
+            trainer.finetune_on_forget(reinforced)
             generic = self._generic_dataset(trainer, model, reinforced, contextlib.nullcontext)
             del reinforced
         elif adapter_adds_nothing(model):  # a fresh adapter: adapter-off is the starting model
-            finetune_on_forget(trainer, model)
+            trainer.finetune_on_forget(model)
             generic = self._generic_dataset(trainer, model, model, model.disable_adapter)
             with torch.no_grad():
                 for name, param in model.named_parameters():
@@ -125,10 +145,10 @@ class WHP(Strategy):
         else:  # an arrived adapter: the starting model is base + that adapter, kept in a frozen copy
             name = model.active_adapter
             start = copy_adapter(model, name, START_ADAPTER)
-            finetune_on_forget(trainer, model)
+            trainer.finetune_on_forget(model)
             generic = self._generic_dataset(trainer, model, model, lambda: active_adapter(model, start))
             state = get_peft_model_state_dict(model, adapter_name=start)
             set_peft_model_state_dict(model, state, adapter_name=name)  # step 3 starts from the arrived model
             model.delete_adapter(start)
-        finetune_on_forget(trainer, model, dataset=generic)
+        trainer.finetune_on_forget(model, dataset=generic)
         return {"whp_alpha": self.alpha, **self.counts}
