@@ -14,22 +14,29 @@ and leaves the target exactly as it was: the previous run stays loadable until t
   load (`config.json`, `adapter_config.json`, the diffusion weight files) go first out and last in, so even a hard kill
   in that window leaves a folder that refuses to load, never one that loads a mix.
 
-`weight_files` / `run_files` tell another run's files apart (see `UnlearningConfig.overwrite_output_dir`).
+`weight_files` / `run_files` tell another run's files apart (see `UnlearningConfig.overwrite_output_dir`), and
+`save_plan` decides from them what a save replaces; `write_run_record` writes what a run's folder holds beside its
+weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import shutil
 import signal
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
+
+from .redaction import redact, redact_json
 
 STAGING_MARK = ".erasus-save-"
 # Weights of any kind, at the top level of a folder: safetensors (full, sharded, adapter, diffusion LoRA or trained
@@ -98,6 +105,36 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         )
 
 
+def save_plan(
+    target: str, output_dir: str, previous: Iterable[str] | None, overwrite: bool
+) -> tuple[list[str], list[str]]:
+    """(names to delete from `target` unless the save rewrites them, names to carry into the staging folder) for a
+    save into `target` by the run whose `output_dir` it is: `previous`, the names this run's earlier save there
+    wrote, are replaced (its README.md, maybe our card by now, carried for PEFT to update); another run's files are
+    replaced only inside `output_dir` (`checkpoint-N`, the Trainer's own) or with `overwrite`, else refused."""
+    if previous is not None:
+        return sorted(previous), ["README.md"]
+    out = os.path.abspath(output_dir)
+    inside = target != out and os.path.commonpath([target, out]) == out
+    if not weight_files(target):
+        return [], ["README.md"]
+    if not inside:
+        check_output_dir(target, overwrite)
+    return run_files(target), []
+
+
+def write_run_record(folder: str, processing_class: Any | None, config_json: str, strategy: Mapping[str, Any]) -> None:
+    """What a run's folder holds beside its weights: the tokenizer (or processor) when there is one, the run's
+    arguments as `unlearning_config.json` and the strategy (name, paper, hyperparameters) as `strategy.json`, each
+    with every known secret redacted."""
+    if processing_class is not None:
+        processing_class.save_pretrained(folder)
+    with open(os.path.join(folder, "unlearning_config.json"), "w") as f:
+        f.write(redact(config_json))
+    with open(os.path.join(folder, "strategy.json"), "w") as f:
+        json.dump(redact_json(dict(strategy)), f)
+
+
 def non_finite_tensors(folder: str) -> list[str]:
     """`file:tensor` for every floating-point tensor with a NaN or an infinity in the safetensors files under
     `folder`: what a save actually wrote, after any merge."""
@@ -111,6 +148,18 @@ def non_finite_tensors(folder: str) -> list[str]:
                     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                         bad.append(f"{os.path.relpath(path, folder)}:{key}")
     return bad
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with a NaN or an infinity in any floating-point tensor of its state dict, frozen weights
+    included (what a full or merged save would write); saves check the files they write (`StagedSave`)."""
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if bad:
+        raise FloatingPointError(f"Refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}).")
 
 
 @contextlib.contextmanager
@@ -153,8 +202,9 @@ def _move_in(source: str, target: str) -> None:
 class StagedSave:
     """`with StagedSave(target, remove=names) as staging:` write the save into `staging`; on a normal exit its
     files move into `target` and the `remove` names the save did not write are deleted from it (another run's, or
-    this run's earlier save's); on any exception, KeyboardInterrupt included, the staging folder is removed and
-    `target` is left as it was. `carry` names files of `target` copied into the staging folder first, for writers
+    this run's earlier save's); on any exception, KeyboardInterrupt included, and when a safetensors file written
+    holds a NaN or an infinity (FloatingPointError), the staging folder is removed and `target` is left as it was.
+    `carry` names files of `target` copied into the staging folder first, for writers
     that update a file rather than replace it (PEFT merges its metadata into an existing README.md).
 
     After the block, `written` holds the top-level names the save wrote."""
@@ -188,6 +238,13 @@ class StagedSave:
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def _commit(self) -> None:
+        bad = non_finite_tensors(self.staging)
+        if bad:
+            raise FloatingPointError(
+                f"Refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}); {self.target} was left "
+                "as it was. Lower the learning rate, or check the model before training (a NaN in a frozen "
+                "weight reaches the file through merge_adapter)."
+            )
         new = sorted(os.listdir(self.staging))
         self.written = new
         if self._fresh:

@@ -6,19 +6,31 @@ Three ways to answer, one interface (a strategy never knows which it got):
   pre-trained adapter, or over a frozen copy of the whole model;
 - `CachedReference`: sequence log-probs of the fixed forget examples, computed once before training, for strategies
   (NPO, DPO-style) that need nothing else.
+
+`resolve_reference_mode` picks the way from `UnlearningConfig.reference` and what the strategy needs,
+`check_reference_model` refuses a `ref_model` that cannot be the starting model, and `build_reference` builds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
+from accelerate import Accelerator
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .objectives import Objective, Scores
-from .peft_utils import REFERENCE_ADAPTER  # noqa: F401  (re-exported: the name the reference adapter has)
+from .peft_utils import REFERENCE_ADAPTER, is_peft_model
+
+logger = logging.getLogger(__name__)
+
+# what a reference must share with the model for its log-probs, logits and hidden states to line up
+REFERENCE_CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_labels")
 
 
 class Reference:
@@ -137,3 +149,134 @@ def sequence_logprobs(
     for (index, slot), value in values.items():
         cache[index, slot] = value
     return cache
+
+
+def resolve_reference_mode(
+    requested: str,
+    needs: Collection[str],
+    strategy_name: str,
+    retain_loss_name: str,
+    peft: bool,
+    ref_model: nn.Module | None,
+    cacheable: bool = True,
+) -> str:
+    """The reference mode to build: 'none' | 'cached' | 'adapter' | 'copy' (see `UnlearningConfig.reference`), for a
+    strategy whose loss reads the reference quantities `needs` (`Strategy.reference_quantities`). `cacheable` is
+    False for objectives whose per-example scores depend on the rest of the batch (contrastive)."""
+    if not needs:
+        if requested not in ("auto", "none") or ref_model is not None:
+            logger.warning("Strategy %r needs no reference model; none is built.", strategy_name)
+        return "none"
+    what = f"strategy {strategy_name!r} with retain_loss={retain_loss_name!r}"
+    if requested == "none":
+        raise ValueError(f"{what} needs a reference model; set reference to 'auto', 'adapter', 'copy' or 'cached'.")
+    if requested == "auto":
+        if set(needs) == {"sequence_logprob"} and cacheable:
+            return "cached"
+        return "copy" if ref_model is not None or not peft else "adapter"
+    if requested == "cached" and not cacheable:
+        raise ValueError(
+            f"{what}: the objective's log-probs depend on the whole batch, so they cannot be cached per example; use "
+            "reference='adapter' (with PEFT) or 'copy'."
+        )
+    if requested == "cached" and "scores" in needs:
+        raise ValueError(f"{what} needs reference logits, which reference='cached' cannot give; use adapter or copy.")
+    if requested == "adapter" and not peft:
+        raise ValueError("reference='adapter' needs a PEFT model: set use_peft=True or pass peft_config.")
+    if requested == "adapter" and ref_model is not None:
+        raise ValueError("reference='adapter' uses the model itself; do not pass ref_model as well.")
+    return requested
+
+
+def check_same_vocabulary(model: nn.Module, ref_model: nn.Module) -> None:
+    """Refuse a reference whose vocabulary differs from the model's: log-prob ratios between them mean nothing."""
+
+    def vocab(m: nn.Module) -> int | None:
+        return getattr(getattr(m, "config", None), "vocab_size", None)
+
+    if vocab(model) != vocab(ref_model):
+        raise ValueError(
+            f"The reference model's vocabulary ({vocab(ref_model)}) differs from the model's ({vocab(model)}); "
+            "log-prob ratios between them are meaningless."
+        )
+
+
+def check_reference_model(model: nn.Module, ref_model: nn.Module) -> None:
+    """Refuse a `ref_model` that cannot be the starting model: another vocabulary, class, `model_type`, hidden size,
+    depth or label count (a shape error mid-step otherwise, or log-prob ratios between unrelated models)."""
+    check_same_vocabulary(model, ref_model)
+
+    def base(m: nn.Module) -> nn.Module:
+        return m.get_base_model() if is_peft_model(m) else m
+
+    model, ref_model = base(model), base(ref_model)
+    differences = []
+    if type(model).__name__ != type(ref_model).__name__:
+        differences.append(f"class {type(ref_model).__name__} vs {type(model).__name__}")
+    config, ref_config = getattr(model, "config", None), getattr(ref_model, "config", None)
+    for name in REFERENCE_CONFIG_FIELDS:
+        mine, theirs = getattr(config, name, None), getattr(ref_config, name, None)
+        if mine is not None and theirs is not None and mine != theirs:
+            differences.append(f"{name} {theirs!r} vs {mine!r}")
+    if differences:
+        raise ValueError(
+            f"ref_model is not the model's architecture (ref_model vs model: {', '.join(differences)}). The "
+            "reference is the starting model: pass a frozen copy of it, or leave ref_model=None to have one built "
+            "(UnlearningConfig.reference)."
+        )
+
+
+def build_reference(
+    mode: str,
+    model: nn.Module,
+    objective: Objective,
+    ref_model: nn.Module | None,
+    had_adapter: bool,
+    *,
+    accelerator: Accelerator,
+    deepspeed: bool,
+    cache_loaders: Sequence[DataLoader],
+    device: torch.device | str,
+    disable_tqdm: bool = False,
+) -> Reference | None:
+    """The reference `mode` asks for (`resolve_reference_mode`), for the trainer's (prepared) `model`.
+
+    The objective's own first (`Objective.build_reference`: diffusion's UNet reference), else: "cached", the forget
+    sides of `cache_loaders` scored once by `ref_model` or `model`; "adapter", `model` with its adapter off (or the
+    snapshot of the adapter it arrived with); "copy", `ref_model` frozen and placed as the policy is (sharded under
+    DeepSpeed ZeRO-3 by TRL's `prepare_deepspeed`)."""
+    if mode == "none":
+        return None
+    family = objective.build_reference(model, mode, ref_model, had_adapter)
+    if family is not None:
+        return family
+    if mode == "cached":
+        scorer = ref_model.to(device) if ref_model is not None else model
+        batches = (batch["forget"] for loader in cache_loaders for batch in loader)
+        total = sum(len(loader) for loader in cache_loaders)
+        bar = tqdm(batches, total=total, desc="Reference log-probs (cached)", disable=disable_tqdm)
+        return CachedReference(sequence_logprobs(scorer, objective, bar, device))
+    if mode == "adapter":
+        return adapter_reference(model, had_adapter)
+    return copy_reference(ref_model, accelerator, deepspeed)
+
+
+def adapter_reference(peft_model: nn.Module, had_adapter: bool) -> ModelReference:
+    """The PEFT model itself as the reference: adapter off, or the frozen snapshot of the adapter it arrived with."""
+    if had_adapter:
+        name = snapshot_adapter(peft_model)
+        return ModelReference(peft_model, "adapter", lambda: active_adapter(peft_model, name))
+    return ModelReference(peft_model, "adapter", peft_model.disable_adapter)
+
+
+def copy_reference(ref_model: nn.Module, accelerator: Accelerator, deepspeed: bool) -> ModelReference:
+    """`ref_model` frozen, on the right device, sharded like the policy under DeepSpeed ZeRO-3."""
+    ref_model.requires_grad_(False)
+    ref_model.eval()
+    if deepspeed:
+        from trl.models.utils import prepare_deepspeed
+
+        ref_model = prepare_deepspeed(ref_model, accelerator)
+    else:
+        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+    return ModelReference(ref_model, "copy", contextlib.nullcontext)

@@ -15,6 +15,10 @@ the Trainer saves its RNG states, so the file is in place before `trainer_state.
 reads it in `train(resume_from_checkpoint=...)` before any compute. A checkpoint of another run, or one whose cached
 log-probs do not match the given starting model, is refused with the differences. The retain pairing of an epoch
 needs no storing: it is a function of the pairing seed and the epoch (`ForgetRetainDataset.set_epoch`).
+
+The `trainer` these functions take is an `UnlearningTrainer` (its `strategy`, `reference`, `reference_mode` and
+pairing `train_dataset` are read), annotated as the `transformers.Trainer` it is: this room sits below the trainer
+and does not import it.
 """
 
 from __future__ import annotations
@@ -23,18 +27,16 @@ import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .reference import CachedReference
-
-if TYPE_CHECKING:
-    from .trainer import UnlearningTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_identity(trainer: UnlearningTrainer) -> dict[str, Any]:
+def run_identity(trainer: Trainer) -> dict[str, Any]:
     """The settings that make a resumed run the same run: any difference means another run's checkpoint."""
     args, strategy = trainer.args, trainer.strategy
     retain = trainer.train_dataset.retain
@@ -107,7 +109,7 @@ def run_identity(trainer: UnlearningTrainer) -> dict[str, Any]:
             "forget_weight": args.forget_weight,
             "retain_weight": args.retain_weight,
             "retain_loss": args.retain_loss,
-            "retain_kl_positions": getattr(args, "retain_kl_positions", None),
+            "retain_kl_positions": args.retain_kl_positions,
             "pairing_seed": args.pairing_seed,
             "seed": args.seed,
             "data_seed": args.data_seed,
@@ -118,7 +120,7 @@ def run_identity(trainer: UnlearningTrainer) -> dict[str, Any]:
     )
 
 
-def save_resume_state(trainer: UnlearningTrainer, folder: str) -> None:
+def save_resume_state(trainer: Trainer, folder: str) -> None:
     """Write `unlearning_state.safetensors` into checkpoint `folder` (main process only), atomically."""
     if not trainer.args.should_save:
         return
@@ -155,7 +157,7 @@ def read_resume_state(folder: str) -> tuple[dict[str, str], dict[str, torch.Tens
     return metadata, tensors
 
 
-def load_resume_state(trainer: UnlearningTrainer, folder: str) -> None:
+def load_resume_state(trainer: Trainer, folder: str) -> None:
     """Give the trainer back the run state stored in checkpoint `folder`: the strategy's state and the cached
     reference log-probs. Raises ValueError, before any training, when the checkpoint is another run's."""
     cached = isinstance(trainer.reference, CachedReference)

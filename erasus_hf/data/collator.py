@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,13 +23,18 @@ def with_passthrough(examples: Sequence[dict[str, Any]], batch: dict[str, torch.
     return batch
 
 
+@dataclass(eq=False)
 class SideCollator:
-    """A side collator whose rows are tokenized once, ahead of training: `tokenize(row)` gives the row's
-    `input_ids` and `labels` (-100 where nothing is scored), `__call__` pads tokenized rows into a batch. The trainer
-    maps `tokenize` over the forget and retain rows up front and refuses rows with no scored token left within
-    `max_length`; any other callable collates the rows as they are given."""
+    """A side collator whose question/answer rows are tokenized once, ahead of training: `tokenize(row)` gives the
+    row's `input_ids` and `labels` (-100 where nothing is scored), `__call__` pads tokenized rows into a batch. The
+    trainer maps `tokenize` over the forget and retain rows up front and refuses rows with no scored token left
+    within `max_length`; any other callable collates the rows as they are given. Subclasses check the tokenizer in
+    `__post_init__`."""
 
-    max_length: int
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 512
+    question_key: str = "question"
+    answer_key: str = "answer"
 
     def tokenize(self, example: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -37,6 +43,7 @@ class SideCollator:
         raise NotImplementedError
 
 
+@dataclass(eq=False)
 class QACollator(SideCollator):
     """Collator for causal-LM question/answer data.
 
@@ -46,21 +53,11 @@ class QACollator(SideCollator):
     only real tokens, so left and right padding give the same scores.
     """
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int = 512,
-        question_key: str = "question",
-        answer_key: str = "answer",
-        prompt_template: str = PROMPT_TEMPLATE,
-    ) -> None:
-        if tokenizer.pad_token_id is None:
+    prompt_template: str = PROMPT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set one (ensure_pad_token does it from EOS).")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.question_key = question_key
-        self.answer_key = answer_key
-        self.prompt_template = prompt_template
 
     def tokenize(self, example: dict[str, Any]) -> dict[str, Any]:
         """One QA example -> `input_ids` and `labels` (prompt masked with -100); an `alternate` answer (DPO-style

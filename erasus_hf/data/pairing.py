@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+from transformers import TrainerCallback
 
 
 class ForgetRetainDataset(Dataset):
@@ -48,3 +50,17 @@ class ForgetRetainDataset(Dataset):
         if self._partners is not None:
             item["retain"] = self.retain[int(self._partners[i])]
         return item
+
+
+class PairingEpochCallback(TrainerCallback):
+    """Redraw the retain partners at every epoch (accelerate does not always forward `set_epoch` to the dataset).
+
+    The epoch that begins is the integer part of `state.epoch`: 1 at the start of epoch 1, and 1 again when a run
+    resumes from a checkpoint at epoch 1.67 (the Trainer sets `state.epoch = epoch + (step + 1) / steps_in_epoch`,
+    exactly the next integer after an epoch's last step). Rounding would pair the rest of epoch 1 as epoch 2."""
+
+    def __init__(self, dataset: ForgetRetainDataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor(state.epoch or 0))

@@ -31,10 +31,8 @@ def get_objective(name_or_objective: str | Objective | None, model: nn.Module) -
             )
         detected = next((cls for cls in OBJECTIVES.values() if cls.matches(model)), ClassificationObjective)
         objective = detected()
-    elif name_or_objective in OBJECTIVES:
-        objective = OBJECTIVES[name_or_objective]()
     else:
-        raise ValueError(f"Unknown objective {name_or_objective!r}; valid objectives: {sorted(OBJECTIVES)}")
+        objective = OBJECTIVES.lookup(name_or_objective)()
     objective.validate_model(model)
     return objective
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..peft_utils import prepare_peft, save_weights
+from ..registry import Registry
 
 
 @dataclass
@@ -69,6 +70,11 @@ class Objective:
     def validate_model(self, model: nn.Module) -> None:
         """Raise a clear error when `model` cannot be scored by this objective."""
 
+    def prepare_processing_class(self, processing_class: Any | None) -> None:
+        """Refuse, or complete, the trainer's `processing_class` before anything is built, whichever collator is
+        used (the tokenizer also serves saving and the evaluators). Default: nothing; a causal LM needs its
+        tokenizer, with a pad token."""
+
     def collator_for(self, processing_class: Any | None, max_length: int) -> Any | None:
         """The side collator for this family's rows when the trainer is given none (the trainer's `processing_class`
         and `max_length` at hand); None means rows that are already numeric and stack as they are. A collator that
@@ -102,14 +108,13 @@ class Objective:
         return batch["labels"].shape[0]
 
 
-OBJECTIVES: dict[str, type[Objective]] = {}
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: make an objective available by `cls.name`. Auto-detection tries objectives in registration
-    order, so register the more specific families first."""
-    OBJECTIVES[cls.name] = cls
-    return cls
+    """Class decorator: make an objective available by `cls.name`; a taken name raises. Auto-detection tries
+    objectives in registration order, so register the more specific families first."""
+    return OBJECTIVES.register(cls, cls.name)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

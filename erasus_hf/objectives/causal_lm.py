@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..data.collator import QACollator
+from ..data.prepare import ensure_pad_token
 from .base import Objective, Scores, register_objective, token_logprobs_from_logits, unwrap_model
 
 
@@ -37,6 +41,17 @@ class CausalLMObjective(Objective):
                 f"The causal-LM objective needs a decoder-only *ForCausalLM model, got {got}. "
                 "For a model that returns class logits use objective='classification'."
             )
+
+    def prepare_processing_class(self, processing_class: Any | None) -> None:
+        """The tokenizer is required; without a pad token it pads with EOS (`ensure_pad_token`)."""
+        if processing_class is None:
+            raise ValueError("A causal LM needs its tokenizer: pass processing_class=tokenizer.")
+        ensure_pad_token(processing_class)
+
+    def collator_for(self, processing_class: Any | None, max_length: int) -> QACollator:
+        """`QACollator`: question/answer text with the prompt masked, or pre-tokenized rows."""
+        self.prepare_processing_class(processing_class)
+        return QACollator(processing_class, max_length=max_length)
 
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}

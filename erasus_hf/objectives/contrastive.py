@@ -156,6 +156,7 @@ class ContrastiveObjective(Objective):
 
     name = "contrastive"
     cacheable_reference = False  # a score depends on the batch's other examples
+    collator: ContrastiveCollator  # the side collator (`collator_for`), also for batching rows by hand
 
     def __init__(
         self,

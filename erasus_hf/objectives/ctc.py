@@ -43,6 +43,8 @@ class CTCObjective(Objective):
         "with the target tokens (its logits are per audio frame)"
     )
 
+    collator: AudioCollator  # the side collator (`collator_for`), also for batching rows by hand
+
     def __init__(self) -> None:
         self.collator = AudioCollator()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,6 +68,7 @@ class Seq2SeqObjective(Objective):
 
     name = "seq2seq"
     peft_task_type = "SEQ_2_SEQ_LM"  # None for models without `input_ids` (Whisper), see `validate_model`
+    collator: Seq2SeqQACollator | SpeechSeq2SeqCollator  # the side collator built with the objective
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, max_length: int = 512) -> None:
         self.tokenizer = tokenizer
@@ -125,6 +127,7 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+@dataclass(eq=False)
 class Seq2SeqQACollator(SideCollator):
     """Question/answer text rows for an encoder-decoder model.
 
@@ -134,19 +137,9 @@ class Seq2SeqQACollator(SideCollator):
     `labels`. Pre-tokenized rows (`input_ids`, `labels`) are padded as they are.
     """
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int = 512,
-        question_key: str = "question",
-        answer_key: str = "answer",
-    ) -> None:
-        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+    def __post_init__(self) -> None:
+        if self.tokenizer.pad_token_id is None or self.tokenizer.eos_token_id is None:
             raise ValueError("Seq2SeqQACollator needs a tokenizer with a pad token and an EOS token.")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.question_key = question_key
-        self.answer_key = answer_key
 
     def tokenize(self, example: dict[str, Any]) -> dict[str, list[int]]:
         if "input_ids" in example and "labels" in example:

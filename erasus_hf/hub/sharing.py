@@ -1,0 +1,206 @@
+"""The trainer's Hub side: `Trainer`'s repo creation, pushes and model card, the erasus_hf way.
+
+`HubMixin` comes before `transformers.Trainer` in `UnlearningTrainer`'s bases, so the Trainer's own calls
+(`init_hf_repo` at construction with `args.push_to_hub`, `_push_from_checkpoint` at each save, `push_to_hub`,
+`create_model_card`) land here, with the Trainer's names and signatures. What changes: the upload goes through
+`erasus_hf.hub.push` (only a model's shippable files, never a checkpoint's optimizer, scheduler or RNG state, the
+token scrubbed from every message), and the card is the evaluation card of `erasus_hf.hub.card`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.utils.hub import PushInProgress
+
+from ..evaluation.result import EvaluationResult
+from ..peft_utils import is_peft_model
+from .card import build_model_card, training_arguments, write_model_card
+from .push import create_model_repo, files_to_push, push_output
+
+logger = logging.getLogger(__name__)
+
+
+class HubMixin:
+    """`Trainer`'s Hub methods for `UnlearningTrainer`: read with the trainer's `args`, `strategy`, `forget_rows`,
+    `retain_rows`, `reference_mode` and `last_evaluation`; `_hub_pool` (the one upload thread, started on the first
+    background push) and `push_in_progress` are set to None by the trainer's `__init__`."""
+
+    _hub_pool: ThreadPoolExecutor | None
+    push_in_progress: PushInProgress | None
+
+    def create_model_card(
+        self,
+        evaluation: EvaluationResult | None = None,
+        reference_note: str | None = None,
+        command: str | None = None,
+        datasets: list[str] | None = None,
+        model_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the evaluation model card (README.md) to `output_dir`: strategy, hyperparameters, the forget set
+        as a count and a SHA-256 fingerprint (never its text), the evaluation (default: the last in-training one)
+        and the reproducing command. Runs on the main process; call it after `save_model` (PEFT's own card
+        generation rewrites README.md)."""
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        card = build_model_card(
+            strategy_name=self.strategy.name,
+            paper=self.strategy.paper,
+            hyperparameters=self.strategy.hyperparameters,
+            training_args={**training_arguments(self.args), "reference_mode": self.reference_mode},
+            forget_rows=self.forget_rows,
+            retain_count=len(self.retain_rows) if self.retain_rows is not None else None,
+            base_model=base,
+            is_adapter=is_peft_model(model) and not self.args.merge_adapter,
+            evaluation=evaluation if evaluation is not None else self.last_evaluation,
+            reference_note=reference_note,
+            command=command,
+            datasets=datasets,
+            model_name=model_name,
+        )
+        write_model_card(card, self.args.output_dir)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the model repo `args.hub_model_id` (default: the output folder's name) as `Trainer.init_hf_repo`
+        does (at construction with `args.push_to_hub`), through `erasus_hf.hub.push`: an `HfApi` at the current
+        endpoint, errors explained, the token scrubbed.
+
+        With `args.push_to_hub`, hub_strategy "checkpoint" and "all_checkpoints" are refused: they upload the
+        resumable checkpoint folders (optimizer, scheduler and RNG states, pickled), and erasus_hf never uploads a
+        checkpoint (see `_push_from_checkpoint`)."""
+        if self.args.push_to_hub and self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            raise ValueError(
+                f"hub_strategy={self.args.hub_strategy.value!r} uploads the training checkpoints (optimizer, "
+                "scheduler and RNG states, pickled); erasus_hf never uploads a checkpoint. Use "
+                "hub_strategy='every_save' (the weights at each save) or 'end' (only the final push_to_hub), and "
+                "resume from the local checkpoint-* folders."
+            )
+        self.push_in_progress = None
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = create_model_repo(
+            self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            private=self.args.hub_private_repo if private is None else private,
+            token=self.args.hub_token if token is None else token,
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = None,
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        *,
+        repo_id: str | None = None,
+        evaluation: EvaluationResult | None = None,
+        **card_kwargs: Any,
+    ) -> str | Future | None:
+        """Save the weights (safetensors), the evaluation JSON and the model card to `output_dir`, then upload the
+        folder's shippable files in one commit to `repo_id` (default: the repo `args.push_to_hub` created, else
+        `args.hub_model_id`) on `revision` (default: `args.hub_revision`, else main). Return the commit URL, or with
+        `blocking=False` a `Future` of it (the folder is validated first); None on the other processes (only the
+        main process pushes, as with the Trainer).
+
+        `Trainer.push_to_hub`'s arguments, in its order (`private` applies only when the repo is created);
+        `card_kwargs` go to `create_model_card`. An in-flight checkpoint push is waited for first, so the final
+        commit lands last. Checkpoints, optimizer and RNG states are never uploaded."""
+        repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
+        if not repo_id and not self.args.push_to_hub:  # with the flag, init_hf_repo named it (on process zero)
+            raise ValueError("push_to_hub needs a repo_id (or args.hub_model_id).")
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)  # not save_model(): with args.push_to_hub it pushes, i.e. calls us
+        evaluation = evaluation if evaluation is not None else self.last_evaluation
+        self.create_model_card(evaluation=evaluation, **card_kwargs)
+        if evaluation is not None and self.args.should_save:
+            evaluation.save(os.path.join(self.args.output_dir, "eval.json"))
+        if not self.is_world_process_zero():
+            return None
+        push = functools.partial(
+            push_output,
+            self.args.output_dir,
+            repo_id,
+            private=self.args.hub_private_repo if private is None else private,
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
+        self._finish_current_push()
+        if blocking:
+            return push()
+        files_to_push(self.args.output_dir)  # a bad folder is refused here, not in the background
+        return self._push_in_background(push)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a checkpoint save's weights to the repo root, as `Trainer._push_from_checkpoint` does with
+        `args.push_to_hub` and hub_strategy "every_save" ("end" pushes nothing here): in the background, commit
+        "Training in progress, step N" (epoch N), a save skipped while the previous push is in flight unless
+        `hub_always_push`.
+
+        Unlike the Trainer, only what `files_to_push` ships from the checkpoint folder goes up (weights, configs,
+        tokenizer, unlearning config): never the checkpoint folder (no `last-checkpoint/`, see `init_hf_repo`),
+        the optimizer, scheduler, RNG or trainer state, nor `training_args.bin` (the Trainer writes it to
+        `output_dir` and uploads it), nor a card: ours comes with the final `push_to_hub`, with the evaluation.
+        The files are hard-linked (copied where links fail) into a private `_hub_push-*` folder of `output_dir`
+        first, so rotating the checkpoint away (`save_total_limit`) cannot pull them from under the upload; the
+        folder is removed when the push ends. A failed push is logged and training goes on."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        staging = _linked_copy(checkpoint_folder, files_to_push(checkpoint_folder, card=False), self.args.output_dir)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            message = f"Training in progress, step {self.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(self.state.epoch)}"
+        repo_id, token, revision = self.hub_model_id, self.args.hub_token, self.args.hub_revision
+
+        def push() -> str:
+            try:
+                return push_output(
+                    staging, repo_id, token=token, commit_message=message, revision=revision, card=False
+                )
+            except Exception as err:
+                logger.warning("%s: pushing to %s failed (training goes on): %s", message, repo_id, err)
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        self._push_in_background(push)
+
+    def _push_in_background(self, push: Callable[[], str]) -> Future:
+        """Run `push` on the trainer's one upload thread (pushes land in order) and track it as the Trainer tracks
+        its own (`push_in_progress`), so `train()` and `push_to_hub()` wait for it (`_finish_current_push`)."""
+        if self._hub_pool is None:
+            self._hub_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="erasus-hub-push")
+        job = self._hub_pool.submit(push)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
+        return job
+
+
+def _linked_copy(folder: str, names: list[str], parent: str) -> str:
+    """A new private `_hub_push-*` folder in `parent` holding `names` of `folder`, hard-linked (copied where links
+    fail); return its path."""
+    staging = tempfile.mkdtemp(prefix="_hub_push-", dir=parent)
+    for name in names:
+        source, target = os.path.join(folder, name), os.path.join(staging, name)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+    return staging
