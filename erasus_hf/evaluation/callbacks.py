@@ -11,7 +11,15 @@ from transformers import TrainerCallback
 from .result import EvaluationResult
 
 
-class UnlearningEarlyStoppingCallback(TrainerCallback):
+class RowCheckingCallback(TrainerCallback):
+    """A callback holding numbers computed on some rows (a reference run's target), which are only right on those
+    rows: `MetricSuite.check` (the trainer, before training) passes it the rows its evaluators will score."""
+
+    def check_rows(self, rows: Mapping[str, Mapping[str, Any]]) -> None:
+        """Raise unless the callback's numbers hold for `rows` (set name -> `describe_rows`); nothing by default."""
+
+
+class UnlearningEarlyStoppingCallback(RowCheckingCallback):
     """Stop training at the first evaluation where `metric` lies within `tolerance` of `target`.
 
     The target is the value a model that never saw the forget set reaches: give it as a number, or give the retain

@@ -16,12 +16,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import is_progress_bar_enabled
 
-from ..objectives import CausalLMObjective
-from ..reference import eval_mode
-from .scoring import qa_batches
+from ..objectives import CausalLMObjective, Objective
+from .scoring import qa_batches, score_batch
 
 
-@torch.no_grad()
 def answer_nll(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -30,23 +28,19 @@ def answer_nll(
     batch_size: int = 32,
     max_length: int = 512,
     desc: str | None = None,
+    objective: Objective | None = None,
 ) -> torch.Tensor:
     """[N] mean token NLL of each answer given its question (prompt masked, the closing EOS scored), in the unlearning
-    collator's layout."""
-    objective = CausalLMObjective()
-    device = next(model.parameters()).device
-    batches = qa_batches(tokenizer, questions, answers, batch_size, max_length)
-    out = []
-    with eval_mode(model):
-        for batch in tqdm(
-            batches,
-            total=-(-len(answers) // batch_size),
-            desc=desc,
-            disable=desc is None or not is_progress_bar_enabled(),
-            leave=False,
-        ):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out.append(objective.score(model, batch).mean_nll.float().cpu())
+    collator's layout, scored by `objective` (default: `CausalLMObjective`) in eval mode without gradients."""
+    objective = CausalLMObjective() if objective is None else objective
+    batches = tqdm(
+        qa_batches(tokenizer, questions, answers, batch_size, max_length),
+        total=-(-len(answers) // batch_size),
+        desc=desc,
+        disable=desc is None or not is_progress_bar_enabled(),
+        leave=False,
+    )
+    out = [score_batch(model, batch, objective)[1].mean_nll.float().cpu() for batch in batches]
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -9,12 +9,16 @@ row.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..objectives import CausalLMObjective, Objective
+from .base import Evaluator, SuiteData, check_at_least_one, register_evaluator
 from .result import EvaluationResult
 from .scoring import TokenStats, dataset_batches, row_format, token_stats
 
@@ -50,41 +54,46 @@ def extraction_strength(stats: TokenStats, score_eos: bool = False, allow_empty_
     return 1 - k_star / n
 
 
-class MemorizationEvaluator:
+@register_evaluator("memorization")
+@dataclass(eq=False, repr=False)
+class MemorizationEvaluator(Evaluator):
     """Exact memorization and extraction strength of every split of `splits` (name -> QA rows with `question`/
-    `answer`, or text rows with `text`), one `token_stats` pass per split.
+    `answer`, or text rows with `text`), one `token_stats` pass per split, scored by `objective` (default
+    `CausalLMObjective`).
 
     Summary: `{name}/{split}_exact_memorization`, `{name}/{split}_extraction_strength` (means over the split); the
     per-example values under the same keys. `score_eos` and `allow_empty_suffix` are those of the metric functions
     (defaults: open-unlearning's numbers).
     """
 
-    def __init__(
-        self,
-        splits: Mapping[str, Dataset],
-        batch_size: int = 32,
-        max_length: int = 512,
-        name: str = "memorization",
-        score_eos: bool = False,
-        allow_empty_suffix: bool = False,
-    ) -> None:
-        if not splits:
+    splits: Mapping[str, Dataset]
+    batch_size: int = 32
+    max_length: int = 512
+    name: str = "memorization"
+    score_eos: bool = False
+    allow_empty_suffix: bool = False
+    objective: Objective = field(default_factory=CausalLMObjective)
+
+    def __post_init__(self) -> None:
+        if not self.splits:
             raise ValueError("MemorizationEvaluator needs at least one split (name -> Dataset).")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for split, dataset in splits.items():
+        check_at_least_one(batch_size=self.batch_size)
+        for split, dataset in self.splits.items():
             row_format(dataset, f"Split {split!r}")
-        self.splits = dict(splits)
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.name = name
-        self.score_eos = score_eos
-        self.allow_empty_suffix = allow_empty_suffix
+        self.splits = dict(self.splits)
+
+    @classmethod
+    def from_suite_data(cls, data: SuiteData, **options: Any) -> MemorizationEvaluator:
+        """The splits: `forget` and `retain`, those given (the TOFU data's by default); at least `forget`."""
+        splits = {k: data.get(k) for k in ("forget", "retain") if data.get(k) is not None}
+        if not splits:
+            data.need("forget")
+        return cls(splits, **options)
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
-        """Score every split. `reference` is unused (kept for the evaluator interface)."""
+        """Score every split (`reference` is unused)."""
         meta = {
             "splits": {s: len(d) for s, d in self.splits.items()},
             "score_eos": self.score_eos,
@@ -96,6 +105,7 @@ class MemorizationEvaluator:
                 model,
                 dataset_batches(dataset, tokenizer, self.batch_size, self.max_length),
                 desc=f"{self.name}: {split}",
+                objective=self.objective,
             )
             for metric, fn in (
                 ("exact_memorization", lambda s: exact_memorization(s, self.score_eos)),

@@ -23,7 +23,7 @@ arXiv:2407.06460): verbatim memorization, knowledge memorization and privacy lea
   scores whole texts, open-unlearning cuts at 2048 tokens, the default here). The reference must have scored the
   same forget and holdout texts (``result.rows["muse/privleak_forget"]`` / ``["muse/privleak_holdout"]``), checked
   before any forward pass. ``privleak_auc`` comes with a 95% confidence interval (``result.intervals``; the
-  stratified percentile bootstrap of ``mia.auc_interval``), and fewer than ``mia.MIN_ROWS_PER_SIDE`` texts a side
+  stratified percentile bootstrap of ``auc.auc_interval``), and fewer than ``auc.MIN_ROWS_PER_SIDE`` texts a side
   draw a warning.
 
 Prompt format. MUSE's code writes ``"Question: {q}\\nAnswer: {a}\\n\\n"`` per example and ends the prompt with
@@ -35,6 +35,8 @@ after one space, and a byte-level tokenizer encodes a trailing space on its own,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -42,8 +44,11 @@ from transformers import PreTrainedTokenizerBase
 from ..data.fingerprint import describe_rows
 from ..data.formatting import format_completion, format_prompt
 from ..data.muse import MUSE_PARTS, MUSEDataset
+from ..objectives import CausalLMObjective, Objective
+from .attacks import min_k_score
+from .auc import BOOTSTRAP_RESAMPLES, auc, auc_interval, interval_entry, warn_few_rows
+from .base import Evaluator, SuiteData, check_at_least_one, check_fraction, register_evaluator
 from .generation import greedy_generate, rouge_f1, rouge_recall
-from .mia import BOOTSTRAP_RESAMPLES, auc, auc_interval, interval_entry, min_k_score, warn_few_rows
 from .result import EvaluationResult
 from .scoring import text_batches, token_stats
 
@@ -95,7 +100,9 @@ def cut_answer(generation: str) -> str:
     return generation.strip()
 
 
-class MUSEEvaluator:
+@register_evaluator("muse")
+@dataclass(eq=False, repr=False)
+class MUSEEvaluator(Evaluator):
     """VerbMem, KnowMem (forget and retain) and PrivLeak of a model on MUSE data.
 
     Summary keys ``{name}/verbmem_forget_rouge_f1``, ``{name}/knowmem_forget_rouge_recall``,
@@ -114,38 +121,33 @@ class MUSEEvaluator:
         batch_size: examples per forward pass / ``generate`` call.
         max_length: token limit of a PrivLeak text (longer ones are truncated on the right).
         name: prefix of the metric names.
-        bootstrap_resamples / bootstrap_seed: the confidence interval of the PrivLeak AUC (`mia.auc_interval`).
+        bootstrap_resamples / bootstrap_seed: the confidence interval of the PrivLeak AUC (`auc.auc_interval`).
+        objective: scores the PrivLeak texts; default `CausalLMObjective`.
     """
 
-    def __init__(
-        self,
-        data: MUSEDataset,
-        max_new_tokens_verbmem: int = 128,
-        max_new_tokens_knowmem: int = 32,
-        k: float = 0.4,
-        batch_size: int = 32,
-        max_length: int = 2048,
-        name: str = "muse",
-        bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
-        bootstrap_seed: int = 0,
-    ) -> None:
-        if not isinstance(data, MUSEDataset):
-            raise TypeError(f"data must be a MUSEDataset, got {type(data).__name__}")
-        if not 0 < k <= 1:
-            raise ValueError(f"k is a fraction in (0, 1], got {k}")
-        if min(max_new_tokens_verbmem, max_new_tokens_knowmem, batch_size) < 1 or max_length < 2:
+    data: MUSEDataset
+    max_new_tokens_verbmem: int = 128
+    max_new_tokens_knowmem: int = 32
+    k: float = 0.4
+    batch_size: int = 32
+    max_length: int = 2048
+    name: str = "muse"
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
+    bootstrap_seed: int = 0
+    objective: Objective = field(default_factory=CausalLMObjective)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, MUSEDataset):
+            raise TypeError(f"data must be a MUSEDataset, got {type(self.data).__name__}")
+        check_fraction(self.k)
+        if min(self.max_new_tokens_verbmem, self.max_new_tokens_knowmem, self.batch_size) < 1 or self.max_length < 2:
             raise ValueError("max_new_tokens_*, batch_size must be >= 1 and max_length >= 2.")
-        self.data = data
-        self.max_new_tokens_verbmem = max_new_tokens_verbmem
-        self.max_new_tokens_knowmem = max_new_tokens_knowmem
-        self.k = k
-        self.batch_size = batch_size
-        if bootstrap_resamples < 1:
-            raise ValueError(f"bootstrap_resamples must be >= 1, got {bootstrap_resamples}")
-        self.max_length = max_length
-        self.name = name
-        self.bootstrap_resamples = bootstrap_resamples
-        self.bootstrap_seed = bootstrap_seed
+        check_at_least_one(bootstrap_resamples=self.bootstrap_resamples)
+
+    @classmethod
+    def from_suite_data(cls, data: SuiteData, **options: Any) -> MUSEEvaluator:
+        """On the MUSE data given as `muse=`."""
+        return cls(*data.need("muse"), **options)
 
     def rows(self) -> dict[str, dict]:
         """``{"{name}/{part}": describe_rows(...)}`` for every part scored, over the columns it reads."""
@@ -202,7 +204,7 @@ class MUSEEvaluator:
     def min_k_scores(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[float]:
         """Min-K% Prob of each text (every token after the first scored)."""
         batches = text_batches(tokenizer, list(texts), self.batch_size, self.max_length)
-        stats = token_stats(model, batches, desc="MUSE privleak")
+        stats = token_stats(model, batches, desc="MUSE privleak", objective=self.objective)
         return [min_k_score(s, self.k) for s in stats]
 
     def evaluate(

@@ -27,6 +27,7 @@ import importlib
 import math
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -42,9 +43,11 @@ from transformers import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..data.collator import QACollator
+from ..objectives import CausalLMObjective, Objective
+from .base import Evaluator
 from .memorization import exact_memorization
 from .result import EvaluationResult
-from .scoring import TokenStats, qa_batches, token_stats
+from .scoring import TokenStats, mean_token_nll, qa_batches, token_stats
 
 QA_COLUMNS = ("question", "answer")
 METRICS = ("forget_prob", "forget_accuracy")
@@ -77,11 +80,13 @@ def forget_metrics(
     batch_size: int = 32,
     max_length: int = 512,
     desc: str | None = None,
+    objective: Objective | None = None,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """`forget_stats_metrics` of `model` on QA `rows` (columns `question`, `answer`), one batched no-grad pass."""
+    """`forget_stats_metrics` of `model` on QA `rows` (columns `question`, `answer`), one batched no-grad pass, scored
+    by `objective` (default `CausalLMObjective`)."""
     _check_rows(rows, "The forget rows")
     batches = qa_batches(tokenizer, rows["question"], rows["answer"], batch_size=batch_size, max_length=max_length)
-    stats = token_stats(model, batches, desc=desc)
+    stats = token_stats(model, batches, desc=desc, objective=objective)
     return forget_stats_metrics(stats)
 
 
@@ -117,11 +122,13 @@ def relearning_attack(
     max_grad_norm: float | None = 1.0,
     max_length: int = 512,
     eval_batch_size: int = 32,
+    objective: Objective | None = None,
 ) -> dict:
     """Relearning attack (Lynch et al. 2024, arXiv:2402.16835; Hu et al. 2024, arXiv:2406.13356).
 
     A deep copy of `model` (`attack_copy`; every parameter trainable) is fine-tuned for `steps` AdamW steps on
-    `relearn_rows` (plain mean NLL of the answer tokens in the `QACollator` layout, shuffled mini-batches of
+    `relearn_rows` (plain mean NLL of the answer tokens in the `QACollator` layout, scored by `objective`, default
+    `CausalLMObjective`, with float32 logits as transformers' own loss; shuffled mini-batches of
     `batch_size` with `seed`, constant learning rate, gradient norm clipped to `max_grad_norm`). The forget metrics
     (`forget_prob`, `forget_accuracy`; module docstring) are measured on `eval_rows`, which must share no question
     with `relearn_rows`, before and after.
@@ -143,7 +150,8 @@ def relearning_attack(
             "is measured on forget rows it never trained on."
         )
 
-    before = forget_metrics(model, tokenizer, eval_rows, eval_batch_size, max_length)
+    objective = CausalLMObjective() if objective is None else objective
+    before = forget_metrics(model, tokenizer, eval_rows, eval_batch_size, max_length, objective=objective)
 
     attacked = attack_copy(model)
     attacked.requires_grad_(True)
@@ -157,7 +165,7 @@ def relearning_attack(
     batches = _batches_forever(rows, batch_size, generator)
     for _ in tqdm(range(steps), desc="relearning", leave=False):
         batch = {k: v.to(device) for k, v in collator(next(batches)).items()}
-        loss = attacked(**batch).loss  # HF causal-LM loss: mean NLL over the tokens whose label is not -100
+        loss = mean_token_nll(objective.score(attacked, batch), batch["labels"])  # over the tokens labelled, not -100
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Relearning loss became {loss.item()} at step {len(losses)}.")
         loss.backward()
@@ -168,7 +176,7 @@ def relearning_attack(
         losses.append(loss.item())
     attacked.eval()
 
-    after = forget_metrics(attacked, tokenizer, eval_rows, eval_batch_size, max_length)
+    after = forget_metrics(attacked, tokenizer, eval_rows, eval_batch_size, max_length, objective=objective)
     return {
         **side_by_side(("before", before), ("after", after), change="recovered"),
         "steps": steps,
@@ -190,58 +198,32 @@ def side_by_side(first: tuple[str, tuple], second: tuple[str, tuple], change: st
     }
 
 
-class RelearningEvaluator:
+@dataclass(eq=False, repr=False)
+class RelearningEvaluator(Evaluator):
     """`relearning_attack` as an evaluator: summary `{name}/forget_prob_before`, `{name}/forget_prob_after`,
     `{name}/forget_accuracy_before`, `{name}/forget_accuracy_after` (and `..._recovered`), per-example
-    `{name}/forget_prob_after` and `{name}/forget_accuracy_after` on `eval_rows`."""
+    `{name}/forget_prob_after` and `{name}/forget_accuracy_after` on `eval_rows`. The attack needs no reference
+    run."""
 
-    def __init__(
-        self,
-        relearn_rows: Dataset,
-        eval_rows: Dataset,
-        steps: int = 20,
-        learning_rate: float = 1e-4,
-        batch_size: int = 4,
-        seed: int = 0,
-        name: str = "relearn",
-    ) -> None:
-        self.relearn_rows = relearn_rows
-        self.eval_rows = eval_rows
-        self.steps = steps
-        self.learning_rate = learning_rate
-        self.batch_size = batch_size
-        self.seed = seed
-        self.name = name
+    relearn_rows: Dataset
+    eval_rows: Dataset
+    steps: int = 20
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    seed: int = 0
+    name: str = "relearn"
+    objective: Objective = field(default_factory=CausalLMObjective)
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
-        """`reference` is unused (the attack needs no retain-model run); accepted for the evaluator interface."""
-        out = relearning_attack(
-            model,
-            tokenizer,
-            self.relearn_rows,
-            self.eval_rows,
-            steps=self.steps,
-            learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
-            seed=self.seed,
-        )
-        summary = {}
-        for metric in METRICS:
-            for when in ("before", "after", "recovered"):
-                summary[f"{self.name}/{metric}_{when}"] = out[when][metric]
+        options = dict(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size, seed=self.seed)
+        rows = (self.relearn_rows, self.eval_rows)
+        out = relearning_attack(model, tokenizer, *rows, **options, objective=self.objective)
+        changes = ("before", "after", "recovered")
+        summary = {f"{self.name}/{m}_{when}": out[when][m] for m in METRICS for when in changes}
         per_example = {f"{self.name}/{m}_after": out["per_example"][f"{m}_after"] for m in METRICS}
-        meta = {
-            self.name: {
-                "steps": self.steps,
-                "learning_rate": self.learning_rate,
-                "batch_size": self.batch_size,
-                "seed": self.seed,
-                "relearn_rows": len(self.relearn_rows),
-                "eval_rows": len(self.eval_rows),
-            }
-        }
+        meta = {self.name: {**options, "relearn_rows": len(self.relearn_rows), "eval_rows": len(self.eval_rows)}}
         return EvaluationResult(summary, per_example, meta)
 
 
@@ -354,11 +336,14 @@ def _qa_metrics(
     retain_rows: Dataset | None,
     batch_size: int,
     max_length: int,
+    objective: Objective | None,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """`forget_metrics` on the forget rows and, under `retain_*` names, on the retain rows."""
-    summary, per_example = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length)
+    summary, per_example = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length, objective=objective)
     if retain_rows is not None:
-        retain, retain_per_example = forget_metrics(model, tokenizer, retain_rows, batch_size, max_length)
+        retain, retain_per_example = forget_metrics(
+            model, tokenizer, retain_rows, batch_size, max_length, objective=objective
+        )
         summary |= {m.replace("forget", "retain", 1): v for m, v in retain.items()}
         per_example |= {m.replace("forget", "retain", 1): v for m, v in retain_per_example.items()}
     return summary, per_example
@@ -378,6 +363,7 @@ def quantization_report(
     backend: str = "quanto",
     batch_size: int = 32,
     max_length: int = 512,
+    objective: Objective | None = None,
 ) -> dict:
     """Forget (and retain) metrics of `model` at full precision and of its `quantized_copy` at each of `bits`, side
     by side: does quantisation undo the unlearning (Zhang et al. 2024, arXiv:2410.16454)?
@@ -413,7 +399,7 @@ def quantization_report(
     if original is None:
         start = None
     elif isinstance(original, nn.Module):
-        start, _ = forget_metrics(original, tokenizer, forget_rows, batch_size, max_length)
+        start, _ = forget_metrics(original, tokenizer, forget_rows, batch_size, max_length, objective=objective)
     else:
         missing = [m for m in METRICS if m not in original]
         if missing:
@@ -424,10 +410,11 @@ def quantization_report(
         start = {m: float(original[m]) for m in METRICS}
 
     precisions = ["full"] + [f"int{b}" for b in bits]
-    scored = {"full": _qa_metrics(model, tokenizer, forget_rows, retain_rows, batch_size, max_length)}
+    scoring = (tokenizer, forget_rows, retain_rows, batch_size, max_length, objective)
+    scored = {"full": _qa_metrics(model, *scoring)}
     for b in bits:
         quantized = quantized_copy(model, b, backend)
-        scored[f"int{b}"] = _qa_metrics(quantized, tokenizer, forget_rows, retain_rows, batch_size, max_length)
+        scored[f"int{b}"] = _qa_metrics(quantized, *scoring)
         del quantized
     full = scored["full"][0]
     report: dict = {p: scored[p][0] for p in precisions}
@@ -443,44 +430,32 @@ def quantization_report(
     return report
 
 
-class QuantizationEvaluator:
+@dataclass(eq=False, repr=False)
+class QuantizationEvaluator(Evaluator):
     """`quantization_report` as an evaluator. Summary: ``{name}/{metric}_{precision}`` for every metric
     (``forget_prob``, ``forget_accuracy`` and, with `retain_rows`, ``retain_prob``, ``retain_accuracy``) and
     precision (``full``, ``int8``, ``int4``), and, with `original`, ``{name}/{forget metric}_{precision}_recovered``
     for the quantised precisions. Per-example: ``{name}/{metric}_{precision}`` for every metric and precision. Meta:
-    bits, backend, the original's numbers and the definition of recovery."""
+    bits, backend, the original's numbers and the definition of recovery. The check needs no reference run."""
 
-    def __init__(
-        self,
-        forget_rows: Dataset,
-        bits: int | Sequence[int] = (8, 4),
-        retain_rows: Dataset | None = None,
-        original: nn.Module | Mapping[str, float] | None = None,
-        backend: str = "quanto",
-        name: str = "quant",
-    ) -> None:
-        self.forget_rows = forget_rows
-        self.bits = _as_bits(bits)
-        self.retain_rows = retain_rows
-        self.original = original
-        if backend not in QUANT_BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(QUANT_BACKENDS)}; got {backend!r}")
-        self.backend = backend
-        self.name = name
+    forget_rows: Dataset
+    bits: int | Sequence[int] = (8, 4)
+    retain_rows: Dataset | None = None
+    original: nn.Module | Mapping[str, float] | None = None
+    backend: str = "quanto"
+    name: str = "quant"
+    objective: Objective = field(default_factory=CausalLMObjective)
+
+    def __post_init__(self) -> None:
+        self.bits = _as_bits(self.bits)
+        if self.backend not in QUANT_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(QUANT_BACKENDS)}; got {self.backend!r}")
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
-        """`reference` is unused (the check needs no retain-model run); accepted for the evaluator interface."""
-        out = quantization_report(
-            model,
-            tokenizer,
-            self.forget_rows,
-            self.retain_rows,
-            bits=self.bits,
-            original=self.original,
-            backend=self.backend,
-        )
+        options = dict(bits=self.bits, original=self.original, backend=self.backend, objective=self.objective)
+        out = quantization_report(model, tokenizer, self.forget_rows, self.retain_rows, **options)
         summary = {f"{self.name}/{m}_{p}": v for p in out["precisions"] for m, v in out[p].items()}
         for p, values in out.get("recovered", {}).items():
             summary |= {f"{self.name}/{m}_{p}_recovered": v for m, v in values.items()}

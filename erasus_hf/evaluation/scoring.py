@@ -4,6 +4,10 @@ One pass over a batch gives, for each scored token, its log-probability, the mod
 and standard deviation of log p under the model's own next-token distribution (Min-K%++). Metrics (truth ratio, MIA
 scores, exact memorization, ...) are functions of these, so a suite scores each example once.
 
+The forward pass is the objective's (`Objective.score`, `CausalLMObjective` by default), the one the trainer's
+strategies score with, so a metric means the same thing in training and in evaluation; the statistics are read from
+its logits aligned with the targets (`Scores.logits`, `Scores.mask`).
+
 Which tokens a metric scores. A QA row is ``prompt + " " + answer + EOS`` (the training layout of
 ``data.collator.QACollator``): its labelled tokens are the answer tokens and the closing EOS. A text row is
 ``BOS + text`` with every token after the BOS labelled (no EOS). ``TokenStats`` holds every labelled token and marks
@@ -27,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import is_progress_bar_enabled
 
 from ..data.collator import QACollator
+from ..objectives import CausalLMObjective, Objective, Scores
 from ..reference import eval_mode
 from .distributed import map_sharded
 
@@ -140,15 +146,20 @@ def dataset_batches(
 
 
 def token_stats(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], desc: str | None = None
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    desc: str | None = None,
+    objective: Objective | None = None,
 ) -> list[TokenStats]:
-    """TokenStats of every example of `batches` (collated causal-LM batches with `labels`), in order; the batches
-    are split across processes when several run (`distributed.map_sharded`). A batch's `closing_eos` (as
-    `qa_batches` / `text_batches` give) sets `TokenStats.closing_eos`; batches without it mark no EOS."""
+    """TokenStats of every example of `batches` (collated batches with `labels`), in order, scored by `objective`
+    (default: `CausalLMObjective`, for the causal-LM batches of `qa_batches` / `text_batches`); the batches are split
+    across processes when several run (`distributed.map_sharded`). A batch's `closing_eos` (as `qa_batches` /
+    `text_batches` give) sets `TokenStats.closing_eos`; batches without it mark no EOS."""
+    objective = CausalLMObjective() if objective is None else objective
     batches = list(batches)
     per_batch = map_sharded(
         lambda block: [
-            _batch_stats(model, b)
+            _batch_stats(model, b, objective)
             for b in tqdm(block, desc=desc, disable=desc is None or not is_progress_bar_enabled(), leave=False)
         ],
         batches,
@@ -157,29 +168,60 @@ def token_stats(
 
 
 @torch.no_grad()
-def _batch_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[TokenStats]:
+def score_batch(
+    model: nn.Module, batch: dict[str, torch.Tensor], objective: Objective
+) -> tuple[dict[str, torch.Tensor], Scores]:
+    """`objective.score` of `batch` in eval mode and without gradients, on the model's device; returns the batch as
+    moved there (its `closing_eos` bookkeeping left out: it is no model input) and the scores."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    batch = {k: v.to(device) for k, v in batch.items() if k != "closing_eos"}
     with eval_mode(model):
-        logits = model(**inputs).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
+        return batch, objective.score(model, batch)
+
+
+def scored_targets(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The labels that `Scores` of `labels` score, aligned with its `mask` [B, T]: the last T label positions (a causal
+    LM's objective scores `labels[:, 1:]`, a seq2seq decoder's all of them)."""
+    targets = labels[:, labels.shape[1] - mask.shape[1] :]
+    if targets.shape != mask.shape or not torch.equal(targets != -100, mask):
+        raise ValueError(
+            f"The scores' mask {tuple(mask.shape)} does not line up with the labels {tuple(labels.shape)}: the "
+            "objective must score the last label positions."
+        )
+    return targets
+
+
+def mean_token_nll(scores: Scores, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One mean NLL over the tokens of the whole batch that `mask` selects (default: every token `scores` scores),
+    with its graph, from the aligned logits in float32 (as transformers' own causal-LM loss upcasts them)."""
+    targets = scored_targets(labels, scores.mask)
+    mask = scores.mask if mask is None else mask
+    return F.cross_entropy(scores.logits.float()[mask], targets[mask])
+
+
+def _batch_stats(model: nn.Module, batch: dict[str, torch.Tensor], objective: Objective) -> list[TokenStats]:
+    """The TokenStats of one batch, from the objective's aligned logits and the batch's labels. The log-probabilities
+    come from a float32 log-softmax over the vocabulary (which the mean and std need anyway), not from the fused
+    cross-entropy of `Scores.token_logprobs` in the logits' dtype: the same numbers, to the bit, as the direct
+    full-vocabulary computation the metrics were checked against."""
     closing_eos = batch.get("closing_eos")
+    batch, scores = score_batch(model, batch, objective)
+    targets = scored_targets(batch["labels"], scores.mask)
     out = []
-    for b in range(labels.shape[0]):
-        scored = logits[b][mask[b]].float()
+    for b in range(targets.shape[0]):
+        mask = scores.mask[b]
+        scored = scores.logits[b][mask].float()
         if scored.shape[0] == 0:
             raise ValueError("An example has no scored token (all labels are -100).")
         logp = torch.log_softmax(scored, dim=-1)
         probs = logp.exp()
         mean = (probs * logp).sum(-1)
         var = (probs * logp.square()).sum(-1) - mean.square()
-        targets = labels[b][mask[b]]
+        kept = targets[b][mask]
         out.append(
             TokenStats(
-                logprobs=logp.gather(-1, targets[:, None])[:, 0].cpu(),
-                targets=targets.cpu(),
+                logprobs=logp.gather(-1, kept[:, None])[:, 0].cpu(),
+                targets=kept.cpu(),
                 argmax=scored.argmax(-1).cpu(),
                 mean=mean.cpu(),
                 std=var.clamp_min(0).sqrt().cpu(),

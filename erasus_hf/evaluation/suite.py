@@ -3,9 +3,11 @@
 `MetricSuite(["tofu", "mia", "memorization"]).run(model, tokenizer, tofu=TOFUDataset.load("forget10"),
 holdout=holdout_rows, reference="retain_eval.json")` builds each named evaluator from the data given to `run`
 (evaluator objects can be passed instead of names), runs them, and merges their numbers. The saved JSON is the
-reference input of a later run's forget quality (TOFU) and PrivLeak (MUSE). Every evaluator's reference check (an
-evaluator's optional `check_reference(reference)`: the reference scored the same rows, holds the numbers needed)
-runs before the first evaluator's forward pass, so a wrong reference costs no compute.
+reference input of a later run's forget quality (TOFU) and PrivLeak (MUSE). Every evaluator's reference check
+(`Evaluator.check_reference`: the reference scored the same rows, holds the numbers needed) runs before the first
+evaluator's forward pass, so a wrong reference costs no compute. Names are looked up in `EVALUATORS` (see
+`evaluation.base`); an evaluator object that does not subclass `Evaluator` runs with the declared defaults (no rows,
+no reference check).
 """
 
 from __future__ import annotations
@@ -15,61 +17,20 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .base import EVALUATORS, Evaluator, SuiteData
+from .callbacks import RowCheckingCallback
 from .result import EvaluationResult, ReferenceRowsWarning
-
-EVALUATORS = ("tofu", "muse", "mia", "memorization")
-
-
-class Evaluator(Protocol):
-    """Anything with a `name` and `evaluate(model, tokenizer, reference) -> EvaluationResult`."""
-
-    name: str
-
-    def evaluate(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
-    ) -> EvaluationResult: ...
 
 
 def combined_score(forget_quality: float, model_utility: float) -> float:
     """sqrt(forget quality x model utility): one number for `metric_for_best_model` that rewards a 10x better
     forget quality (a p-value, spread over orders of magnitude) as much as a 10x better model utility."""
     return math.sqrt(max(forget_quality, 0.0) * max(model_utility, 0.0))
-
-
-def _build(name: str, data: dict[str, Any], options: dict[str, Any]) -> Evaluator:
-    def need(*keys: str) -> list[Any]:
-        missing = [k for k in keys if data.get(k) is None]
-        if missing:
-            raise ValueError(f"The {name!r} evaluator needs {missing} passed to MetricSuite.run.")
-        return [data[k] for k in keys]
-
-    kwargs = options.get(name, {})
-    if name == "tofu":
-        from .tofu import TOFUEvaluator
-
-        return TOFUEvaluator(*need("tofu"), **kwargs)
-    if name == "muse":
-        from .muse import MUSEEvaluator
-
-        return MUSEEvaluator(*need("muse"), **kwargs)
-    if name == "mia":
-        from .mia import MIAEvaluator
-
-        members, nonmembers = need("forget", "holdout")
-        return MIAEvaluator(members, nonmembers, **kwargs)
-    if name == "memorization":
-        from .memorization import MemorizationEvaluator
-
-        splits = {k: data[k] for k in ("forget", "retain") if data.get(k) is not None}
-        if not splits:
-            need("forget")
-        return MemorizationEvaluator(splits, **kwargs)
-    raise ValueError(f"Unknown evaluator {name!r}; valid names: {', '.join(EVALUATORS)}")
 
 
 class MetricSuite:
@@ -147,9 +108,14 @@ class MetricSuite:
         """The evaluators `run` would run on this data (named ones built, objects as given); no forward pass."""
         if tofu is not None:
             forget = forget if forget is not None else tofu.forget
-            retain = retain if retain is not None else getattr(tofu, "retain", None)
+            retain = retain if retain is not None else tofu.retain
         data = {"tofu": tofu, "muse": muse, "forget": forget, "retain": retain, "holdout": holdout}
-        return [_build(spec, data, self.options) if isinstance(spec, str) else spec for spec in self.evaluators]
+        return [
+            EVALUATORS.lookup(spec).from_suite_data(SuiteData(spec, data), **self.options.get(spec, {}))
+            if isinstance(spec, str)
+            else spec
+            for spec in self.evaluators
+        ]
 
     def check(
         self,
@@ -158,9 +124,9 @@ class MetricSuite:
         **data: Any,
     ) -> None:
         """What `run` on `data` would refuse, refused now (the trainer calls it before training): the `reference`
-        of forget quality / PrivLeak, and the reference of every callback with a `check_rows(rows)` method (e.g.
+        of forget quality / PrivLeak, and the reference of every `RowCheckingCallback` among `callbacks` (e.g.
         `UnlearningEarlyStoppingCallback`), against the rows these evaluators would score. No forward pass."""
-        callbacks = [c for c in callbacks if callable(getattr(c, "check_rows", None))]
+        callbacks = [c for c in callbacks if isinstance(c, RowCheckingCallback)]
         if reference is None and not callbacks:
             return
         if isinstance(reference, (str, Path)):
@@ -169,7 +135,7 @@ class MetricSuite:
         self._check_references(evaluators, reference)
         rows: dict[str, dict] = {}
         for evaluator in evaluators:
-            if callable(getattr(evaluator, "rows", None)):
+            if isinstance(evaluator, Evaluator):  # any other object: the declared default, no rows
                 rows.update(evaluator.rows())
         for callback in callbacks:
             callback.check_rows(rows)
@@ -179,5 +145,5 @@ class MetricSuite:
         if reference is None:
             return
         for evaluator in evaluators:
-            if callable(getattr(evaluator, "check_reference", None)):
+            if isinstance(evaluator, Evaluator):  # any other object: the declared default, nothing to check
                 evaluator.check_reference(reference)

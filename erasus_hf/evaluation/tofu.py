@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -40,6 +42,8 @@ from transformers import PreTrainedTokenizerBase
 from ..data.fingerprint import describe_rows
 from ..data.formatting import format_prompt
 from ..data.tofu import TOFU_EVAL_COLUMNS, TOFUDataset
+from ..objectives import CausalLMObjective, Objective
+from .base import Evaluator, SuiteData, register_evaluator
 from .generation import greedy_generate, rouge_recall
 from .likelihood import truth_ratio, truth_ratio_score
 from .result import EvaluationResult
@@ -86,7 +90,9 @@ def forget_quality(truth_ratios: Sequence[float], reference_truth_ratios: Sequen
     return float(ks_2samp(list(truth_ratios), list(reference_truth_ratios)).pvalue)
 
 
-class TOFUEvaluator:
+@register_evaluator("tofu")
+@dataclass(eq=False, repr=False)
+class TOFUEvaluator(Evaluator):
     """Prob, ROUGE and truth ratio of every set of `data`, forget quality against a reference run, model utility.
 
     Summary keys ``{name}/{split}_prob``, ``{name}/{split}_rouge``, ``{name}/{split}_truth_ratio`` (aggregates),
@@ -106,33 +112,33 @@ class TOFUEvaluator:
         name: prefix of the metric names.
         rouge: False skips the greedy generation and the ROUGE metrics (model utility then uses Prob and truth
             ratio only): a cheap pass for forget quality, e.g. after every epoch.
+        objective: scores the likelihoods; default `CausalLMObjective`.
     """
 
-    def __init__(
-        self,
-        data: TOFUDataset,
-        batch_size: int = 32,
-        max_new_tokens: int = 200,
-        max_length: int = 512,
-        name: str = "tofu",
-        rouge: bool = True,
-        generation_batch_size: int | None = None,
-    ) -> None:
-        if not isinstance(data, TOFUDataset):
-            raise TypeError(f"data must be a TOFUDataset, got {type(data).__name__}")
-        generation_batch_size = batch_size if generation_batch_size is None else generation_batch_size
-        if min(batch_size, max_new_tokens, generation_batch_size) < 1 or max_length < 2:
+    data: TOFUDataset
+    batch_size: int = 32
+    max_new_tokens: int = 200
+    max_length: int = 512
+    name: str = "tofu"
+    rouge: bool = True
+    generation_batch_size: int | None = None
+    objective: Objective = field(default_factory=CausalLMObjective)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, TOFUDataset):
+            raise TypeError(f"data must be a TOFUDataset, got {type(self.data).__name__}")
+        if self.generation_batch_size is None:
+            self.generation_batch_size = self.batch_size
+        if min(self.batch_size, self.max_new_tokens, self.generation_batch_size) < 1 or self.max_length < 2:
             raise ValueError(
                 "batch_size, max_new_tokens and generation_batch_size must be >= 1 and max_length >= 2; got "
-                f"{batch_size}, {max_new_tokens}, {generation_batch_size}, {max_length}"
+                f"{self.batch_size}, {self.max_new_tokens}, {self.generation_batch_size}, {self.max_length}"
             )
-        self.data = data
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.generation_batch_size = generation_batch_size
-        self.max_length = max_length
-        self.name = name
-        self.rouge = rouge
+
+    @classmethod
+    def from_suite_data(cls, data: SuiteData, **options: Any) -> TOFUEvaluator:
+        """On the TOFU data given as `tofu=`."""
+        return cls(*data.need("tofu"), **options)
 
     def split_scores(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: str, dataset: Dataset
@@ -148,7 +154,7 @@ class TOFUEvaluator:
         all_answers = answers + (list(dataset["paraphrased_answer"]) if paraphrased else [])
         all_answers += [a for row in perturbed for a in row]
         batches = qa_batches(tokenizer, all_questions, all_answers, self.batch_size, self.max_length)
-        stats = token_stats(model, batches, desc=f"TOFU {split}: likelihoods")
+        stats = token_stats(model, batches, desc=f"TOFU {split}: likelihoods", objective=self.objective)
         nll = torch.tensor([s.nll for s in stats], dtype=torch.float64)
         answer_nll = nll[:n]
         true_nll = nll[n : 2 * n] if paraphrased else answer_nll
