@@ -1,10 +1,12 @@
 """erasus_hf: machine unlearning as a native extension of the Hugging Face stack."""
 
+from . import diffusion  # noqa: F401  registers the concept-erasure strategies; diffusers is imported when used
 from .config import UnlearningConfig
 from .data.muse import MUSEDataset
 from .data.tofu import TOFUDataset
 from .evaluation import EvaluationResult, MetricSuite, UnlearningEarlyStoppingCallback
 from .objectives import CausalLMObjective, ClassificationObjective, Objective, Scores, get_objective
+from .pipeline import StrategyPipeline  # registers the "pipeline" strategy (it imports the trainer it drives)
 from .strategies import STRATEGIES, Strategy, get_strategy, register_strategy
 from .trainer import UnlearningTrainer
 from .unlearner import ErasusUnlearner, UnlearningResult
@@ -22,6 +24,7 @@ __all__ = [
     "Objective",
     "Scores",
     "Strategy",
+    "StrategyPipeline",
     "TOFUDataset",
     "UnlearningConfig",
     "UnlearningEarlyStoppingCallback",

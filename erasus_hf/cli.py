@@ -54,9 +54,11 @@ def _run(argv: list[str]) -> int:
         run_demo(args)
     elif command == "unlearn":
         from .config import UnlearningConfig
+        from .scripts.strategy_help import add_strategy_help
         from .scripts.unlearn import UnlearnArguments, run_unlearn
 
         parser = make_parser((UnlearnArguments, UnlearningConfig), "erasus-hf unlearn", COMMANDS["unlearn"])
+        add_strategy_help(parser)  # `--help-strategy NAME`: a strategy's hyperparameters
         run_unlearn(*parse(parser, rest), command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
     elif command == "push":
         from .scripts.push import HubUnreachableError, PushArguments, positional_output_dir, run_push

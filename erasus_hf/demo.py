@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import datasets
 import torch
 import transformers
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 
 from .config import UnlearningConfig
 from .data.tofu import TOFUDataset, demo_splits, load_tofu
 from .evaluation import EvaluationResult, TOFUEvaluator, answer_nll
+from .modeling.loading import starting_model
 from .redaction import redact, redact_json
 from .trainer import UnlearningTrainer
 
@@ -56,46 +56,20 @@ def _load_data(args: DemoArguments) -> tuple[Dataset, Dataset]:
     return load_tofu(forget_split, **kwargs), load_tofu(args.retain_split, **kwargs)
 
 
-def starting_model(
-    model_name_or_path: str | None,
-    forget: Dataset,
-    retain: Dataset,
-    output_dir: str,
-    seed: int = 0,
-    quiet: bool = False,
-):
-    """A model that knows the forget and retain authors: loaded, or (no model given) a tiny Llama trained here on
-    them with TRL's SFTTrainer and saved to `output_dir/starting_model`, the base the unlearning adapter applies to."""
-    if model_name_or_path:
-        from .scripts.evaluate import load_model
-
-        return load_model(model_name_or_path)
-    from .modeling.tiny import DEMO_MODEL, build_tiny_llama, sft_train, train_tokenizer
-
-    everything = concatenate_datasets([forget, retain]).select_columns(["question", "answer"])
-    texts = [t for col in ("question", "answer") for t in everything[col]]
-    texts += [t for d in (forget, retain) if "paraphrased_answer" in d.column_names for t in d["paraphrased_answer"]]
-    texts += [
-        a
-        for d in (forget, retain)
-        if "perturbed_answer" in d.column_names
-        for row in d["perturbed_answer"]
-        for a in row
-    ]
-    tokenizer = train_tokenizer(texts, vocab_size=DEMO_MODEL.vocab_size)
-    model = build_tiny_llama(tokenizer, seed=seed)
-    print(
-        f"Training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama on "
-        f"{len(everything)} TOFU question/answer pairs (TRL SFTTrainer)..."
+def tofu_trainer(
+    model, tokenizer, config: UnlearningConfig, forget: Dataset, retain: Dataset, **trainer_options
+) -> UnlearningTrainer:
+    """The trainer of a TOFU run (the demo's and `erasus-hf unlearn`'s): it unlearns the forget rows' question/answer
+    pairs and keeps the retain rows'; their other columns (paraphrased and perturbed answers) are the evaluators'.
+    `trainer_options` go to `UnlearningTrainer` (in-training evaluation)."""
+    return UnlearningTrainer(
+        model,
+        config,
+        forget_dataset=forget.select_columns(["question", "answer"]),
+        retain_dataset=retain.select_columns(["question", "answer"]),
+        processing_class=tokenizer,
+        **trainer_options,
     )
-    with tempfile.TemporaryDirectory() as workdir:
-        model = sft_train(model, tokenizer, everything, output_dir=workdir, seed=seed, disable_tqdm=quiet)
-    # The adapter needs its base: keep the model trained here beside it, and point the adapter config at it.
-    starting_dir = os.path.abspath(os.path.join(output_dir, "starting_model"))
-    model.save_pretrained(starting_dir)
-    tokenizer.save_pretrained(starting_dir)
-    model.config._name_or_path = starting_dir
-    return model, tokenizer
 
 
 def measure(model, tokenizer, forget: Dataset, retain: Dataset, quiet: bool = True) -> dict[str, float]:
@@ -164,13 +138,7 @@ def run_demo(args: DemoArguments) -> dict:
         disable_tqdm=args.quiet,
     )
     print(f"Unlearning {len(forget)} forget examples with {args.strategy} + LoRA (retain: {len(retain)} examples)...")
-    trainer = UnlearningTrainer(
-        model,
-        config,
-        forget_dataset=forget.select_columns(["question", "answer"]),
-        retain_dataset=retain.select_columns(["question", "answer"]),
-        processing_class=tokenizer,
-    )
+    trainer = tofu_trainer(model, tokenizer, config, forget, retain)
     trainer.train()
     trainer.save_model()
     after = measure(trainer.model, tokenizer, forget, retain, quiet=args.quiet)

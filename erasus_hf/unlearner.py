@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from .config import UnlearningConfig
+from .trainer import UnlearningTrainer
 
 
 @dataclass
@@ -60,8 +61,6 @@ class ErasusUnlearner:
     def fit(self, forget_data: Any, retain_data: Any | None = None, epochs: float = 3) -> UnlearningResult:
         """Unlearn `forget_data` (keeping `retain_data`) for `epochs` passes over the forget set (or `max_steps`
         optimizer steps when given to the constructor)."""
-        from .trainer import UnlearningTrainer
-
         if (
             isinstance(epochs, bool)
             or not isinstance(epochs, (int, float))

@@ -5,7 +5,8 @@ pipeline, and the concept-erasure evaluator. diffusers is imported only where it
 from .concept_ablation import ConceptAblation
 from .esd import ESD, ESD_VARIANTS, esd_target
 from .evaluation import ConceptErasureEvaluator, pipeline_generator, unet_generator
-from .objective import DiffusionObjective, PromptCollator, UNetReference, adapters_disabled, has_lora
+from .lora import adapters_disabled, has_lora, is_diffusion_unet
+from .objective import DiffusionObjective, PromptCollator, UNetReference
 from .salun import DiffusionSalUn, saliency_masks
 from .saving import load_erasure, save_erasure
 from .uce import UCE, uce_edit
@@ -23,6 +24,7 @@ __all__ = [
     "adapters_disabled",
     "esd_target",
     "has_lora",
+    "is_diffusion_unet",
     "load_erasure",
     "pipeline_generator",
     "saliency_masks",

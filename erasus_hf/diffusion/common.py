@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..strategies.base import Batch, Strategy, StrategyContext
-from .objective import DiffusionObjective, UNetReference, has_lora
+from .lora import has_lora
+from .objective import DiffusionObjective, UNetReference
 
 # Which modules a parameter group covers, by the module's name in the UNet (diffusers' names: `attn1` is
 # self-attention, `attn2` cross-attention on the prompt).

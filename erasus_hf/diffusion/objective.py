@@ -22,38 +22,11 @@ from torch import nn
 
 from ..objectives.base import Objective, Scores
 from ..reference import Reference, eval_mode
+from .lora import adapters_disabled, has_lora, is_diffusion_unet
+from .saving import save_erasure
 
 PROMPT_KEYS = {"prompt": "input_ids", "anchor_prompt": "anchor_input_ids"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def is_diffusion_unet(model: nn.Module) -> bool:
-    """A diffusers conditional UNet (checked by its config, so subclasses and compiled wrappers count)."""
-    config = getattr(model, "config", None)
-    return config is not None and hasattr(config, "cross_attention_dim") and hasattr(config, "in_channels")
-
-
-def has_lora(unet: nn.Module) -> bool:
-    """Whether a diffusers model carries a PEFT adapter added with `unet.add_adapter` / `load_lora_weights`."""
-    return bool(getattr(unet, "_hf_peft_config_loaded", False))
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet: nn.Module) -> Iterator[nn.Module]:
-    """Run the UNet with its LoRA adapters off (the base weights), then switch them back on.
-
-    diffusers' `enable_adapters()` marks every parameter of the active adapter trainable again (PEFT's
-    `set_adapter`), which would undo a strategy's choice of trained parameters (ESD-x trains only the cross-attention
-    LoRA); the `requires_grad` flags are restored as they were.
-    """
-    flags = [(p, p.requires_grad) for p in unet.parameters()]
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-        for param, flag in flags:
-            param.requires_grad_(flag)
 
 
 class UNetReference(Reference):
@@ -124,6 +97,9 @@ class DiffusionObjective(Objective):
     """
 
     name = "diffusion"
+    # tokenizes the prompts of every batch side; the strategies (UCE, SalUn) and the digit model's training tokenize
+    # their own prompts with it, so all of them condition the UNet on the same ids
+    collator: PromptCollator
 
     def __init__(
         self,
@@ -376,9 +352,12 @@ class DiffusionObjective(Objective):
         raise ValueError(f"The diffusion strategies need the frozen UNet itself (adapter or copy), not {mode!r}.")
 
     def save_weights(
-        self, model: nn.Module, output_dir: str, adapter_name: str | None, merge_adapter: bool, state_dict=None
+        self,
+        model: nn.Module,
+        output_dir: str,
+        adapter_name: str | None,
+        merge_adapter: bool,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Save what the run changed (see `erasus_hf.diffusion.saving.save_erasure`)."""
-        from .saving import save_erasure
-
         save_erasure(model, output_dir)

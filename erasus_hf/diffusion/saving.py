@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .objective import has_lora
+from .lora import has_lora
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name, read by `pipe.load_lora_weights(folder)`
 TRAINED_WEIGHTS = "unet_erased.safetensors"

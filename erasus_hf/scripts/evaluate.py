@@ -8,15 +8,15 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..evaluation.result import EvaluationResult
 from ..evaluation.suite import EVALUATORS, MetricSuite
+from ..model_source import check_model_source
+from ..modeling.loading import load_model
 
 
 @dataclass
@@ -70,32 +70,12 @@ class EvaluateArguments:
     )
 
 
-def load_model(path: str, base_model: str | None = None):
-    """(model, tokenizer) from a full-model folder or a PEFT adapter folder (its base from `base_model` or the
-    adapter config)."""
-    from ..model_source import check_model_source
-
-    check_model_source(path, base_model)  # a missing folder, a moved adapter base, no tokenizer: named, before loading
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        from peft import PeftConfig, PeftModel
-
-        base = base_model or PeftConfig.from_pretrained(path).base_model_name_or_path
-        if not base:
-            raise ValueError(f"{path} holds an adapter whose config names no base model; pass --base_model.")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
-        has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-        return model, AutoTokenizer.from_pretrained(path if has_tokenizer else base)
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
 def run_evaluate(args: EvaluateArguments) -> EvaluationResult:
     from ..data.tofu import TOFUDataset, load_tofu
 
     # one process per device under torchrun / accelerate launch; on CPU, gloo needs to be asked for explicitly
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
-    from ..model_source import check_model_source
-
     check_model_source(args.model, args.base_model)  # named first; the model itself is loaded after the data checks
     data = {}
     if {"tofu", "mia", "memorization"} & set(args.benchmark):

@@ -49,7 +49,7 @@ def positional_output_dir(argv: list[str]) -> list[str]:
 def merged_folder(output_dir: str, base_model: str | None, workdir: str) -> str:
     """A folder holding the adapter merged into its base (safetensors), the tokenizer, the card (now describing a
     full model) and the evaluation JSON."""
-    from .evaluate import load_model
+    from ..modeling.loading import load_model  # torch and transformers only for a merge
 
     if not os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
         raise ValueError(f"--merge needs an adapter folder; {output_dir} has no adapter_config.json.")

@@ -21,8 +21,11 @@ from transformers import set_seed
 
 from ..config import UnlearningConfig
 from ..data.tofu import TOFUDataset, demo_splits, load_tofu
+from ..demo import tofu_trainer
 from ..evaluation.suite import MetricSuite
+from ..modeling.loading import starting_model
 from ..redaction import redact
+from ..reference import ModelReference
 from ..trainer import UnlearningTrainer
 
 
@@ -82,7 +85,6 @@ def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str |
     """Train, save the weights, evaluate with TOFU (eval.json) and write the model card; `command` (the command
     line that ran this) goes into the card, redacted (no token reaches the card: `erasus_hf.redaction`)."""
     from ..data.validation import check_qa_rows
-    from ..demo import starting_model
     from ..output_folder import check_output_dir
 
     set_seed(config.seed)  # the same LoRA initialisation on every process and in every run
@@ -98,18 +100,18 @@ def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str |
         check_qa_rows(retain, "retain")
     model, tokenizer = starting_model(args.model_name_or_path, forget, retain, config.output_dir, seed=config.seed)
     in_training = config.eval_strategy != "no"
-    trainer = UnlearningTrainer(
+    trainer = tofu_trainer(
         model,
+        tokenizer,
         config,
-        forget_dataset=forget.select_columns(["question", "answer"]),
-        retain_dataset=retain.select_columns(["question", "answer"]),
-        processing_class=tokenizer,
+        forget,
+        retain,
         evaluators=["tofu"] if in_training else None,
         evaluation_data={"tofu": tofu} if in_training else None,
         evaluation_reference=args.reference_eval,
     )
     rank = trainer.args.process_index
-    reference_model = getattr(trainer.reference, "model", None)
+    reference_model = trainer.reference.model if isinstance(trainer.reference, ModelReference) else None
     print(
         f"[rank {rank}] reference {trainer.reference_mode}"
         + (
