@@ -1,5 +1,6 @@
-"""Shared fixtures: a tokenizer trained on the shipped TOFU slice, tiny Llamas, and one model that memorised real
-TOFU authors (trained once per session with TRL's SFTTrainer) for the behavioural tests."""
+"""Shared fixtures: a tokenizer trained on the shipped TOFU slice, tiny Llamas, one model that memorised real TOFU
+authors (trained once per session with TRL's SFTTrainer) for the behavioural tests, the spoken digits, and the local
+Hub server. Plain helpers are in testing_utils.py."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     for variable in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
         os.environ.setdefault(variable, "avx2" if variable == "ATEN_CPU_CAPABILITY" else "AVX2")
 
+import huggingface_hub  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import concatenate_datasets
 
-from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.data.tofu import demo_splits
-from erasus_hf.evaluation import answer_nll
-from erasus_hf.modeling.tiny import build_tiny_llama, sft_train, train_tokenizer
+from erasus_hf.modeling.tiny import train_tokenizer
+
+from .hub_server import HubServer
+from .testing_utils import memorise, serve_hub, small_llama
 
 # The models here are tiny: one thread each runs them faster than two, and the suite runs one pytest-xdist worker
 # per core (`-n auto --dist loadfile`, the README's command), so two threads per worker would oversubscribe the CPU.
@@ -47,76 +50,20 @@ def tokenizer(tofu_slice):
 @pytest.fixture
 def tiny_llama(tokenizer):
     """A fresh random tiny Llama (same seed, same weights) for tests that need no training."""
-    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    return small_llama(tokenizer)
 
 
 @pytest.fixture(scope="session")
 def _memorised(tokenizer, tofu_slice, tmp_path_factory):
     forget, retain = tofu_slice
-    model = build_tiny_llama(tokenizer, seed=0)  # the demo's 0.85M-parameter Llama
     rows = concatenate_datasets([forget, retain]).select_columns(["question", "answer"])
-    model = sft_train(
-        model, tokenizer, rows, output_dir=str(tmp_path_factory.mktemp("sft")), num_train_epochs=50, disable_tqdm=True
-    )
-    return model.eval()
+    return memorise(tokenizer, rows, output_dir=str(tmp_path_factory.mktemp("sft"))).eval()
 
 
 @pytest.fixture
 def memorised(_memorised):
     """A copy of the session's model that memorised the forget and retain authors (safe to modify)."""
     return copy.deepcopy(_memorised)
-
-
-def qa(dataset):
-    """Only the question/answer columns (what the unlearning collator reads)."""
-    return dataset.select_columns(["question", "answer"])
-
-
-def nll(model, tokenizer, dataset) -> float:
-    """Mean answer NLL (nats per answer token) of `model` on TOFU rows."""
-    return answer_nll(model, tokenizer, dataset["question"], dataset["answer"]).mean().item()
-
-
-def unlearn(
-    model,
-    tokenizer,
-    tofu_slice,
-    tmp_path,
-    strategy,
-    kwargs=None,
-    lr=2e-3,
-    epochs=5,
-    use_peft=True,
-    with_retain=True,
-    **config,
-):
-    """Run `strategy` on the (forget, retain) slice with the behavioural tests' settings; return the trainer."""
-    forget, retain = tofu_slice
-    args = UnlearningConfig(
-        output_dir=str(tmp_path),
-        strategy=strategy,
-        strategy_kwargs=kwargs,
-        use_peft=use_peft,
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=8,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-        **config,
-    )
-    trainer = UnlearningTrainer(
-        model,
-        args,
-        forget_dataset=qa(forget),
-        retain_dataset=qa(retain) if with_retain else None,
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    return trainer
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +74,30 @@ def spoken_digits():
     if not espeak_available():
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): there is no speech to test on")
     return spoken_words()
+
+
+@pytest.fixture
+def saved_model(tmp_path, tokenizer, tiny_llama):
+    """`tiny_llama` and the tokenizer saved with `save_pretrained` in one folder."""
+    path = tmp_path / "model"
+    tiny_llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """A throwaway HF_HOME, no telemetry, no ambient token or endpoint."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # read at import too; with telemetry on, the client's first request fetches its agent registry (no token)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def hub(hf_home, monkeypatch):
+    """The local Hub-protocol server (tests/hub_server.py), the Hub of every client built in the test."""
+    with HubServer() as server:
+        yield serve_hub(monkeypatch, server)

@@ -11,8 +11,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.modeling.tiny import build_tiny_llama
 
-from .conftest import qa
-from .test_trainer import config
+from .testing_utils import config, qa
 
 
 def test_empty_forget_set(tmp_path, tokenizer, tiny_llama):

@@ -6,7 +6,7 @@ import torch
 
 from erasus_hf import ErasusUnlearner
 
-from .conftest import nll, qa, unlearn
+from .testing_utils import nll, qa, unlearn
 
 
 def test_the_starting_model_memorised_both_sets(_memorised, tokenizer, tofu_slice):

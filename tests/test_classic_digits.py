@@ -6,9 +6,6 @@ Settings and budget are the table's (benchmarks/classifier_digits.py): 10 passes
 Measured numbers are in the comments (accuracies in %; forget digit 3, split seed 0).
 """
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
@@ -16,9 +13,9 @@ pytest.importorskip("sklearn", reason="scikit-learn is needed for the real digit
 
 from benchmarks import classifier_digits as bench  # noqa: E402
 
-pytestmark = pytest.mark.slow
+from .testing_utils import load_example  # noqa: E402
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "unlearn_digit_classifier.py"
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +172,6 @@ def test_random_forgetting_moves_the_forget_images_to_the_unseen_level(digits, o
 # ---- the example, on a tiny ViT saved with save_pretrained ----
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("unlearn_digit_classifier", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def digit_images(digits, index):
     from PIL import Image
 
@@ -232,7 +222,7 @@ def test_example_unlearns_a_digit_from_a_vit(tiny_vit, tmp_path):
     from erasus_hf.evaluation.classification import accuracy, class_probabilities
 
     path, splits = tiny_vit
-    example = load_example()
+    example = load_example("unlearn_digit_classifier")
     output = tmp_path / "vit-without-3"
     result = example.unlearn_class(path, splits, forget_class=3, output_dir=str(output), learning_rate=2e-3)
     before, after = result["before"], result["after"]

@@ -11,7 +11,7 @@ from torch import nn
 from erasus_hf.evaluation.classification import accuracy, mia_efficacy, mia_features
 from erasus_hf.objectives import Objective, Scores, token_logprobs_from_logits
 from erasus_hf.reference import Reference
-from erasus_hf.strategies import StrategyContext, get_strategy
+from erasus_hf.strategies import get_strategy
 from erasus_hf.strategies.bad_teacher import randomly_initialised_copy
 from erasus_hf.strategies.fisher_forgetting import fisher_noise
 from erasus_hf.strategies.importance import fisher_diagonal, squared_gradients, summed_gradients
@@ -19,6 +19,8 @@ from erasus_hf.strategies.l1_sparse import linear_decay
 from erasus_hf.strategies.random_label import random_wrong_labels
 from erasus_hf.strategies.saliency import MaskedUpdates, saliency_masks
 from erasus_hf.strategies.ssd import dampen
+
+from .testing_utils import context
 
 
 class ClassObjective(Objective):
@@ -55,15 +57,7 @@ class ModelReference(Reference):
 
 
 def ctx(model, reference=None, gamma=1.0, alpha=1.0, retain_loss="nll", step=0):
-    return StrategyContext(
-        model=model,
-        objective=ClassObjective(),
-        reference=reference,
-        forget_weight=gamma,
-        retain_weight=alpha,
-        retain_loss=retain_loss,
-        global_step=step,
-    )
+    return context(ClassObjective(), model, reference, gamma, alpha, retain_loss, step)
 
 
 def log_softmax(row):

@@ -6,7 +6,9 @@ from torch import nn
 
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 
-datasets_sklearn = pytest.importorskip("sklearn.datasets", reason="scikit-learn is a dev dependency")
+from .testing_utils import digit_split, pixel_rows
+
+pytest.importorskip("sklearn.datasets", reason="scikit-learn is a dev dependency")
 
 
 class DigitMLP(nn.Module):
@@ -22,12 +24,8 @@ class DigitMLP(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits():
-    data = datasets_sklearn.load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(y), generator=generator)
-    train, test = order[:1400], order[1400:]
+    images, y, train, test = digit_split()
+    x = images.flatten(1)  # [N, 64]
     torch.manual_seed(0)
     model = DigitMLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -41,10 +39,6 @@ def digits():
 def accuracy(model, x, y):
     with torch.no_grad():
         return (model(x).argmax(-1) == y).float().mean().item()
-
-
-def rows(x, y, idx):
-    return [{"pixel_values": x[i], "labels": y[i]} for i in idx.tolist()]
 
 
 @pytest.mark.parametrize("strategy", ["ga", "npo", "grad_diff"])
@@ -72,8 +66,8 @@ def test_unlearning_one_digit(tmp_path, digits, strategy):
     trainer = UnlearningTrainer(
         model,
         args,
-        forget_dataset=rows(x, y, forget_idx),
-        retain_dataset=rows(x, y, retain_idx) if strategy != "ga" else None,
+        forget_dataset=pixel_rows(x, y, forget_idx),
+        retain_dataset=pixel_rows(x, y, retain_idx) if strategy != "ga" else None,
     )
     assert trainer.objective.name == "classification"
     trainer.train()

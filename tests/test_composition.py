@@ -6,15 +6,13 @@ import json
 import pytest
 import torch
 
-from erasus_hf import UnlearningTrainer
+from erasus_hf import StrategyPipeline, UnlearningTrainer
 from erasus_hf.data.collator import QACollator
 from erasus_hf.objectives import CausalLMObjective
 from erasus_hf.reference import CachedReference
-from erasus_hf.strategies import EnsembleStrategy, StrategyPipeline, get_strategy
+from erasus_hf.strategies import EnsembleStrategy, get_strategy
 
-from .conftest import qa
-from .test_formulas import LogitsObjective, batch, ctx
-from .test_trainer import config
+from .testing_utils import LogitsObjective, batch, config, ctx, qa
 
 
 class CountingObjective(LogitsObjective):

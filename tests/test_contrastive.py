@@ -5,9 +5,7 @@ on clips of the digits moving, `ClapModel` on the digit words spoken by espeak-n
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import pathlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,9 +20,8 @@ from erasus_hf.objectives import ContrastiveCollator, ContrastiveObjective, get_
 from erasus_hf.objectives.contrastive import MEDIA_LOGITS, contrastive_logits
 from erasus_hf.strategies import kl_to_reference
 
-from .test_vision_families import digit_split, moving_digit_clips
+from .testing_utils import digit_split, load_example, moving_digit_clips
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "unlearn_clip_concept.py"
 FORGET = 7  # "seven"
 IMAGE_CAPTIONS = [f"a photo of the digit {w}" for w in DIGIT_WORDS]
 VIDEO_CAPTIONS = [f"a video of the digit {w}" for w in DIGIT_WORDS]
@@ -486,13 +483,6 @@ def test_clip_forgets_a_digit_to_chance(clip_digits, tmp_path, use_peft, lr, ref
     assert retain_after >= retain_before - 0.05, (retain_before, retain_after)
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("unlearn_clip_concept", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_unlearns_a_concept_from_a_saved_clip(clip_digits, tmp_path):
     """The example end to end: `from_pretrained` on a tiny CLIP saved locally, a `save_to_disk` dataset of (image,
     caption), GradDiff with the dataset's captions as negatives; held-out images of the concept fall to chance."""
@@ -508,7 +498,7 @@ def test_example_unlearns_a_concept_from_a_saved_clip(clip_digits, tmp_path):
     argv = ["--model", str(model_dir), "--dataset", str(data_dir), "--output_dir", str(output_dir)]
     argv += ["--forget_caption", IMAGE_CAPTIONS[FORGET], "--strategy", "npo", "--strategy_kwargs", '{"beta": 1.0}']
     argv += ["--learning_rate", "5e-4", "--num_train_epochs", "8"]
-    results = load_example().main(argv)
+    results = load_example("unlearn_clip_concept").main(argv)
     print("example:", results)
     assert results["forget_accuracy_before"] > 0.8
     assert results["forget_accuracy_after"] <= results["chance"]

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from erasus_hf.data.tofu import demo_splits
 from erasus_hf.demo import DemoArguments, run_demo
 from erasus_hf.evaluation import answer_nll
 
-ROOT = Path(__file__).resolve().parents[1]
+from .testing_utils import ROOT
 
 
 def test_demo_meets_its_targets_and_the_adapter_reloads(tmp_path):
@@ -66,7 +65,8 @@ def test_ci_runs_the_readme_test_command():
 def test_demo_reads_local_tofu_files_and_a_local_model(tmp_path, tokenizer, tiny_llama):
     """The online options, exercised offline: `--data_dir` with TOFU's split files and a model path."""
     from erasus_hf.data.tofu import shared_tofu_dir
-    from erasus_hf.demo import _load_data, starting_model
+    from erasus_hf.demo import _load_data
+    from erasus_hf.modeling.loading import starting_model
 
     data_dir = shared_tofu_dir()
     if data_dir is None:

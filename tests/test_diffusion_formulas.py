@@ -27,7 +27,9 @@ from erasus_hf.diffusion import (  # noqa: E402
 from erasus_hf.diffusion.modeling import build_text_encoder, build_tokenizer  # noqa: E402
 from erasus_hf.diffusion.objective import UNetReference  # noqa: E402
 from erasus_hf.diffusion.uce import concept_token_embeddings, last_token_positions  # noqa: E402
-from erasus_hf.strategies import StrategyContext, get_strategy  # noqa: E402
+from erasus_hf.strategies import get_strategy  # noqa: E402
+
+from .testing_utils import context  # noqa: E402
 
 
 class AffineUNet(nn.Module):
@@ -103,14 +105,7 @@ def mean_embedding(objective, prompt):
 
 
 def ctx(objective, model, reference=None, retain_loss="none", gamma=1.0, alpha=1.0):
-    return StrategyContext(
-        model=model,
-        objective=objective,
-        reference=reference,
-        forget_weight=gamma,
-        retain_weight=alpha,
-        retain_loss=retain_loss,
-    )
+    return context(objective, model, reference, gamma, alpha, retain_loss)
 
 
 def test_targets_epsilon_and_v_prediction_by_hand():

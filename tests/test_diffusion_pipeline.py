@@ -1,9 +1,6 @@
 """The example: erase a concept from a `StableDiffusionPipeline` loaded with `from_pretrained` (a tiny pipeline saved
 locally with `save_pretrained`), save the LoRA, and load it back into a fresh pipeline."""
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
@@ -14,14 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from erasus_hf.diffusion import DiffusionObjective  # noqa: E402
 from erasus_hf.diffusion.modeling import build_text_encoder, build_tokenizer  # noqa: E402
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "erase_concept_stable_diffusion.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("erase_concept_stable_diffusion", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .testing_utils import load_example  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def unet_output(pipe, prompt="a photo of three"):
 
 
 def test_example_erases_with_lora_and_loads_into_a_fresh_pipeline(tiny_pipeline_path, tmp_path):
-    example = load_example()
+    example = load_example("erase_concept_stable_diffusion")
     original = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path)
     erased = example.erase_concept(
         tiny_pipeline_path,

@@ -11,9 +11,7 @@ from erasus_hf.reference import CachedReference
 from erasus_hf.strategies import get_strategy
 from erasus_hf.strategies.dpo import load_refusals
 
-from .conftest import nll, qa, unlearn
-from .test_formulas import LABELS, LOGITS, batch, ctx, hand_token_logprobs, log_softmax_list
-from .test_trainer import config
+from .testing_utils import LABELS, LOGITS, batch, config, ctx, hand_token_logprobs, log_softmax_list, nll, qa, unlearn
 
 ALT_LOGITS = torch.tensor(
     [

@@ -5,17 +5,14 @@ import pytest
 
 from erasus_hf.data.tofu import TOFUDataset
 from erasus_hf.evaluation import TOFUEvaluator
-from erasus_hf.modeling import build_tiny_llama, sft_train
 
-from .conftest import qa, unlearn
+from .testing_utils import memorise, qa, unlearn
 
 
 @pytest.fixture(scope="module")
 def retain_model(tokenizer, tofu_slice, tmp_path_factory):
     """Trained like the session's memorised model, on the retain authors only (TOFU's "retain model")."""
-    model = build_tiny_llama(tokenizer, seed=0)
-    out = str(tmp_path_factory.mktemp("retain_sft"))
-    return sft_train(model, tokenizer, qa(tofu_slice[1]), output_dir=out, num_train_epochs=50, disable_tqdm=True)
+    return memorise(tokenizer, qa(tofu_slice[1]), output_dir=str(tmp_path_factory.mktemp("retain_sft")))
 
 
 def test_unlearning_moves_forget_quality_towards_the_retain_model(

@@ -41,7 +41,7 @@ from erasus_hf.evaluation.robustness import (
 from erasus_hf.evaluation.scoring import TokenStats
 from erasus_hf.modeling.tiny import build_tiny_llama
 
-from .conftest import unlearn
+from .testing_utils import small_llama, unlearn
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -298,9 +298,7 @@ def test_quantized_copy_merges_a_peft_model(tokenizer, tiny_llama):
     quantized = quantized_copy(model, bits=4)
     assert_unchanged(model, before)
     merged = quantized_copy(attack_copy(model), bits=4)
-    base = quantized_copy(
-        build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), 4
-    )
+    base = quantized_copy(small_llama(tokenizer), 4)
     inputs = tokenizer(["Question: Who wrote it?\nAnswer:"], return_tensors="pt")
     with torch.no_grad():
         logits, merged_logits, base_logits = (m(**inputs).logits for m in (quantized, merged, base))

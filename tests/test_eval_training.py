@@ -11,8 +11,7 @@ from erasus_hf.evaluation.result import EvaluationResult
 from erasus_hf.evaluation.scoring import qa_batches, token_stats
 from erasus_hf.evaluation.suite import MetricSuite
 
-from .conftest import nll, qa
-from .test_trainer import config
+from .testing_utils import config, nll, qa
 
 
 class ProbeEvaluator:

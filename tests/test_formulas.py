@@ -5,71 +5,22 @@ import math
 import pytest
 import torch
 
-from erasus_hf.objectives import Objective, Scores, token_logprobs_from_logits
-from erasus_hf.reference import CachedReference, Reference
-from erasus_hf.strategies import StrategyContext, get_strategy, kl_to_reference
+from erasus_hf.reference import CachedReference
+from erasus_hf.strategies import get_strategy, kl_to_reference
 
-
-class LogitsObjective(Objective):
-    """A stand-in model family whose 'model output' is the batch's own logits: exact, hand-checkable scores."""
-
-    name = "causal_lm"
-
-    def score(self, model, batch, hidden_layer=None):
-        logprobs, mask = token_logprobs_from_logits(batch["logits"], batch["labels"])
-        return Scores(token_logprobs=logprobs, mask=mask, logits=batch["logits"])
-
-
-class LogitsReference(Reference):
-    mode = "copy"
-
-    def __init__(self, logits):
-        self.logits = logits
-
-    def scores(self, objective, batch, hidden_layer=None):
-        return objective.score(None, {**batch, "logits": self.logits})
-
-
-def log_softmax_list(row):
-    z = math.log(sum(math.exp(v) for v in row))
-    return [v - z for v in row]
-
-
-# Two examples, three positions, vocabulary of 3; -100 marks prompt/padding.
-LOGITS = torch.tensor(
-    [
-        [[2.0, 0.5, -1.0], [0.0, 1.0, 0.0], [1.5, -0.5, 0.3]],
-        [[0.2, 0.1, 3.0], [-1.0, 2.0, 0.5], [0.0, 0.0, 0.0]],
-    ]
+from .testing_utils import (
+    LABELS,
+    LOGITS,
+    LogitsObjective,
+    LogitsReference,
+    batch,
+    config,
+    ctx,
+    hand_token_logprobs,
+    log_softmax_list,
+    qa,
+    small_llama,
 )
-LABELS = torch.tensor([[-100, 1, 2], [2, 0, -100]])
-
-
-def hand_token_logprobs():
-    out = []
-    for b in range(2):
-        row = []
-        for t in range(3):
-            label = int(LABELS[b, t])
-            if label != -100:
-                row.append(log_softmax_list(LOGITS[b, t].tolist())[label])
-        out.append(row)
-    return out  # [[lp(1), lp(2)], [lp(2), lp(0)]]
-
-
-def batch():
-    return {"logits": LOGITS.clone().requires_grad_(), "labels": LABELS, "index": torch.tensor([0, 1])}
-
-
-def ctx(reference=None, retain_loss="none", gamma=1.0, alpha=1.0):
-    return StrategyContext(
-        model=None,
-        objective=LogitsObjective(),
-        reference=reference,
-        forget_weight=gamma,
-        retain_weight=alpha,
-        retain_loss=retain_loss,
-    )
 
 
 def test_scores_mask_minus_100_and_sum_answer_tokens():
@@ -172,13 +123,9 @@ def test_trainer_passes_retain_kl_positions_to_the_strategy(tmp_path, tokenizer,
     """`UnlearningConfig.retain_kl_positions` reaches the retain term: the trainer's loss on one batch equals the
     hand computation from the two models' logits, for both settings; a bad value is refused with the fix."""
     from erasus_hf import UnlearningConfig, UnlearningTrainer
-    from erasus_hf.modeling import build_tiny_llama
-
-    from .conftest import qa
-    from .test_trainer import config
 
     forget, retain = (qa(d).select(range(4)) for d in tofu_slice)
-    other = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1)
+    other = small_llama(tokenizer, seed=1)
     for positions in ("answer", "all"):
         args = config(tmp_path, strategy="grad_diff", retain_loss="kl", retain_kl_positions=positions)
         trainer = UnlearningTrainer(

@@ -13,35 +13,20 @@ import traceback
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import _http
 from peft import LoraConfig, get_peft_model
-from safetensors.numpy import save_file
 
 from erasus_hf.hub.push import files_to_push, push_output
 
-from .hub_server import HubServer
+from .testing_utils import fake_adapter, snapshot
+
+pytestmark = pytest.mark.usefixtures("hf_home")
 
 TOKEN = "hf_testtoken123"
 REPO = "unlearner/tiny-npo"
-
-
-@pytest.fixture(autouse=True)
-def hf_env(tmp_path, monkeypatch):
-    """A throwaway HF_HOME, no telemetry, no ambient token or endpoint."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def hub():
-    with HubServer() as server:
-        yield server
 
 
 @pytest.fixture
@@ -50,19 +35,6 @@ def backoff_sleeps(monkeypatch):
     sleeps: list[float] = []
     monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=sleeps.append))
     return sleeps
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (relative path -> bytes)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def fake_adapter(folder: Path) -> Path:
-    """A minimal adapter folder (safetensors + adapter_config.json), without building a model."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"lora_A.weight": np.ones((2, 4), dtype=np.float32)}, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-    return folder
 
 
 def add_decoys(folder: Path) -> None:

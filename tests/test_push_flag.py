@@ -9,33 +9,18 @@ import os
 import types
 from concurrent.futures import Future
 
-import huggingface_hub
 import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import _http
 
 from erasus_hf import UnlearningTrainer
 
-from .conftest import qa
 from .hub_server import HubServer
-from .test_trainer import config
+from .testing_utils import config, qa
 
 TOKEN = "hf_testtoken123"
 REPO = "me/tiny-npo-flag"
 FORBIDDEN = ("checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*", "trainer_state.json", "training_args.bin")
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    with HubServer() as server:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)  # what HF_ENDPOINT sets at import
-        # read at import too; with telemetry on, the client's first request fetches its agent registry (no token)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        yield server
 
 
 def flagged(tmp_path, tokenizer, model, tofu_slice, **kwargs) -> UnlearningTrainer:
@@ -118,7 +103,7 @@ def test_failed_training_push_is_logged_and_training_goes_on(
     monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda s: None))  # the client's retry backoff
     trainer = flagged(tmp_path, tokenizer, tiny_llama, tofu_slice, max_steps=2, save_strategy="steps", save_steps=2)
     hub.fail_next_commit_with, hub.fail_commit_count = 500, 100  # the Hub stays down through the client's retries
-    with caplog.at_level(logging.WARNING, logger="erasus_hf.trainer"):
+    with caplog.at_level(logging.WARNING, logger="erasus_hf.hub.sharing"):
         trainer.train()
     assert "Training in progress, step 2: pushing to me/tiny-npo-flag failed" in caplog.text
     assert TOKEN not in caplog.text and hub.repos[REPO].commits == []

@@ -32,8 +32,9 @@ from erasus_hf.evaluation.mia import MIAEvaluator, min_k_score
 from erasus_hf.evaluation.muse import MUSEEvaluator
 from erasus_hf.evaluation.scoring import qa_batches, text_batches, token_stats
 from erasus_hf.evaluation.tofu import TOFUEvaluator
-from erasus_hf.modeling.tiny import build_tiny_llama
 from erasus_hf.objectives import CausalLMObjective
+
+from .testing_utils import small_llama
 
 TOL = 1e-5
 K = 0.4
@@ -54,7 +55,7 @@ def model(tokenizer, rows):
     """A seeded tiny Llama, 25 full-batch AdamW steps on 4 rows: partly memorised (deterministic on CPU)."""
     members, _ = rows
     fit = members.select(range(4))
-    model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    model = small_llama(tokenizer, seed=0)
     batch = QACollator(tokenizer)([{"question": q, "answer": a} for q, a in zip(fit["question"], fit["answer"])])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(25):
@@ -67,7 +68,7 @@ def model(tokenizer, rows):
 
 @pytest.fixture(scope="module")
 def ref_model(tokenizer):
-    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1).eval()
+    return small_llama(tokenizer, seed=1).eval()
 
 
 def layout(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:

@@ -25,10 +25,10 @@ import erasus_hf.output_folder as output_folder
 from erasus_hf import UnlearningConfig, UnlearningTrainer, register_strategy
 from erasus_hf.divergence import TrainingDivergedError
 from erasus_hf.hub.push import files_to_push
+from erasus_hf.output_folder import check_finite_weights
 from erasus_hf.strategies import STRATEGIES, Strategy
-from erasus_hf.trainer import check_finite_weights
 
-from .conftest import qa
+from .testing_utils import qa
 
 
 def config(tmp_path, **kwargs) -> UnlearningConfig:

@@ -4,31 +4,21 @@ reference model and an unreachable Hub."""
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
 import huggingface_hub
-import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig, get_peft_model
-from safetensors.numpy import save_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from erasus_hf import ErasusUnlearner, UnlearningTrainer
-from erasus_hf.modeling.tiny import build_tiny_llama
-from erasus_hf.scripts.evaluate import load_model
+from erasus_hf.modeling.loading import load_model
 from erasus_hf.strategies import get_strategy
 from erasus_hf.strategies.npo import NPO
 
-from .conftest import qa
-from .test_trainer import config
-
-
-def small(tokenizer, **kwargs):
-    sizes = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
-    return build_tiny_llama(tokenizer, **{**sizes, **kwargs})
+from .testing_utils import config, fake_adapter, qa, small_llama, snapshot
 
 
 def build(tmp_path, tokenizer, model, strategy="grad_diff", forget=None, retain=None, **config_kwargs):
@@ -130,7 +120,7 @@ def test_pre_tokenized_rows_outside_the_vocabulary_or_misaligned(tmp_path, token
     assert vocab == 512
     with pytest.raises(ValueError, match=rf"The forget set \(forget_dataset\): row 1, column {message}"):
         build(tmp_path, tokenizer, tiny_llama, strategy="ga", forget=token_rows(bad))
-    trainer = build(tmp_path, tokenizer, small(tokenizer), strategy="ga", forget=token_rows())  # good ids pass
+    trainer = build(tmp_path, tokenizer, small_llama(tokenizer), strategy="ga", forget=token_rows())  # good ids pass
     assert len(trainer.train_dataset) == 4
 
 
@@ -207,7 +197,7 @@ def test_fit_with_no_epochs(tmp_path, tokenizer, tiny_llama, rows, epochs):
 
 
 def test_max_length_past_the_model_positions_warns(tmp_path, tokenizer, rows):
-    model = small(tokenizer, max_position_embeddings=16)
+    model = small_llama(tokenizer, max_position_embeddings=16)
     with pytest.warns(
         UserWarning, match=r"max_length=64 exceeds the model's max_position_embeddings=16, and 4 forget"
     ):
@@ -253,7 +243,9 @@ def test_hyperparameters_checked_when_built_directly_and_through_the_trainer(tmp
     args = config(tmp_path, strategy="npo", strategy_kwargs='{"beta": "NaN"}')
     with pytest.raises(ValueError, match=r"Fix strategy_kwargs=\{'beta': \.\.\.\}"):
         UnlearningTrainer(tiny_llama, args, forget_dataset=rows[0], retain_dataset=rows[1], processing_class=tokenizer)
-    trainer = build(tmp_path, tokenizer, small(tokenizer), "npo", rows[0], rows[1], strategy_kwargs='{"beta": "0.05"}')
+    trainer = build(
+        tmp_path, tokenizer, small_llama(tokenizer), "npo", rows[0], rows[1], strategy_kwargs='{"beta": "0.05"}'
+    )
     assert trainer.strategy.beta == 0.05
 
 
@@ -282,7 +274,7 @@ def test_recipe_hyperparameters_checked_at_parsing(tmp_path):
 
 
 def saved_model(tokenizer, folder: Path, with_tokenizer: bool = True) -> Path:
-    small(tokenizer).save_pretrained(folder)
+    small_llama(tokenizer).save_pretrained(folder)
     if with_tokenizer:
         tokenizer.save_pretrained(folder)
     return folder
@@ -320,7 +312,7 @@ def test_folder_that_is_not_a_model(tmp_path, rows):
 def test_adapter_whose_base_folder_moved(tmp_path, tokenizer, rows):
     """Before: "Repo id must be in the form ..." naming the old base path, or the tokenizer message."""
     base = saved_model(tokenizer, tmp_path / "base")
-    adapter = get_peft_model(small(tokenizer), LoraConfig(r=2, target_modules="all-linear"))
+    adapter = get_peft_model(small_llama(tokenizer), LoraConfig(r=2, target_modules="all-linear"))
     adapter.peft_config["default"].base_model_name_or_path = str(base)
     adapter.save_pretrained(tmp_path / "adapter")
     moved = tmp_path / "base_moved"
@@ -343,7 +335,7 @@ def test_adapter_whose_base_folder_moved(tmp_path, tokenizer, rows):
     ],
 )
 def test_reference_model_of_another_architecture(tmp_path, tokenizer, tiny_llama, rows, strategy, other, message):
-    ref_model = small(tokenizer, **other)
+    ref_model = small_llama(tokenizer, **other)
     kwargs = {"layer_id": 1} if strategy == "rmu" else {}
     args = config(tmp_path, strategy=strategy, strategy_kwargs=kwargs, reference="copy")
     with pytest.raises(
@@ -392,23 +384,15 @@ def closed_port() -> int:
 
 
 def output_folder(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    save_file({"lora_A.weight": np.ones((2, 4), dtype=np.float32)}, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    fake_adapter(folder)
     (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# card\n")
     return folder
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 @pytest.fixture
-def hub_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+def hub_env(hf_home, monkeypatch):
+    """The Hub tests' environment (`hf_home`) without an ambient HF_HUB_OFFLINE: each case sets offline mode."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 @pytest.mark.parametrize("offline", [False, True])
@@ -457,7 +441,7 @@ def test_unlearn_cli_refuses_bad_rows_before_training_a_starting_model(tmp_path,
     rows[2]["answer"] = None
     (tmp_path / "forget01.json").unlink()
     (tmp_path / "forget01.json").write_text("\n".join(json.dumps(r) for r in rows))
-    monkeypatch.setattr("erasus_hf.demo.starting_model", lambda *a, **k: pytest.fail("trained before the row check"))
+    monkeypatch.setattr(unlearn, "starting_model", lambda *a, **k: pytest.fail("trained before the row check"))
     args = unlearn.UnlearnArguments(data_dir=str(tmp_path), forget_split="forget01", retain_split="retain99")
     with pytest.raises(ValueError, match=r"forget.*row 2"):
         unlearn.run_unlearn(args, UnlearningConfig(output_dir=str(tmp_path / "out"), report_to="none"))

@@ -23,11 +23,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.data.pairing import ForgetRetainDataset
-from erasus_hf.modeling.tiny import build_tiny_llama
 from erasus_hf.resume import RESUME_STATE_NAME
 from erasus_hf.strategies import get_strategy
 
-from .conftest import qa
+from .testing_utils import qa, small_llama
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill -9 runs fork a child process")
 
@@ -96,7 +95,7 @@ def starting_model(strategy: str, tokenizer, seed: int = 0) -> nn.Module:
     small classifier."""
     if strategy == "salun":
         return Classifier(seed)
-    model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=seed)
+    model = small_llama(tokenizer, seed=seed)
     for module in model.modules():
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.1
@@ -292,7 +291,7 @@ def test_resume_true_without_a_checkpoint_names_the_folder(tokenizer, tofu_slice
 
 def test_pairing_of_a_mid_epoch_resume_is_that_of_the_epoch_it_is_in():
     """At epoch 1.5 (resumed mid-epoch 1), the retain partners are epoch 1's, not round(1.5) = 2's."""
-    from erasus_hf.trainer import _PairingEpochCallback
+    from erasus_hf.data.pairing import PairingEpochCallback as _PairingEpochCallback
 
     pairs = ForgetRetainDataset([{"f": i} for i in range(6)], [{"r": i} for i in range(6)], seed=3)
     pairs.set_epoch(1)

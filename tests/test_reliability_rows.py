@@ -31,8 +31,7 @@ from erasus_hf.evaluation.result import EvaluationResult
 from erasus_hf.evaluation.suite import MetricSuite
 from erasus_hf.evaluation.tofu import TOFUEvaluator
 
-from .conftest import qa
-from .test_trainer import config
+from .testing_utils import config, qa
 
 COUNT_ONLY = "only row counts could be compared"
 

@@ -11,13 +11,10 @@ import logging
 import traceback
 from pathlib import Path
 
-import huggingface_hub
-import numpy as np
 import pytest
 import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
-from safetensors.numpy import save_file
 
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.cli import main
@@ -25,11 +22,11 @@ from erasus_hf.evaluation.result import EvaluationResult
 from erasus_hf.hub.card import build_model_card, write_model_card
 from erasus_hf.hub.push import push_output
 
-from .conftest import qa
 from .hub_server import HubError, HubServer
+from .testing_utils import TINY_RECIPE, fake_adapter, qa, serve_hub
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_RECIPE = ROOT / "trainers" / "recipes" / "tofu_tiny_npo_lora.yaml"
+pytestmark = pytest.mark.usefixtures("hf_home")
+
 REPO = "unlearner/secrets"
 
 
@@ -49,16 +46,6 @@ PYTHON = "python-secret-Mc18r"  # UnlearningConfig(hub_token=X)
 INSIDE = shaped("Rn4")  # a token-shaped string inside another argument (--run_name run-<token>)
 
 
-@pytest.fixture(autouse=True)
-def hf_env(tmp_path, monkeypatch):
-    """A throwaway HF_HOME, no telemetry, no ambient token or endpoint."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-
-
 class EchoingHub(HubServer):
     """A Hub that answers every commit 403 and echoes the Authorization header it got, as a careless proxy might
     (403: the client does not retry it)."""
@@ -69,22 +56,10 @@ class EchoingHub(HubServer):
         return super().handle(method, path, body)
 
 
-def serve(monkeypatch, server: HubServer) -> HubServer:
-    """`server` as the Hub of every client built from here on (what HF_ENDPOINT sets at import)."""
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-    return server
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    with HubServer() as server:
-        yield serve(monkeypatch, server)
-
-
 @pytest.fixture
 def echoing_hub(monkeypatch):
     with EchoingHub() as server:
-        yield serve(monkeypatch, server)
+        yield serve_hub(monkeypatch, server)
 
 
 def files_holding(folder: Path, secrets: tuple[str, ...]) -> list[str]:
@@ -104,9 +79,7 @@ def texts_holding(texts: dict[str, str], secrets: tuple[str, ...]) -> list[str]:
 
 def adapter_folder(folder: Path) -> Path:
     """A minimal pushable adapter folder with an erasus_hf card."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"lora_A.weight": np.ones((2, 4), dtype=np.float32)}, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    fake_adapter(folder)
     write_model_card(card(command="erasus-hf unlearn --strategy npo"), folder)
     return folder
 
@@ -127,14 +100,6 @@ def card(command: str | None) -> ModelCard:
         datasets=None,
         model_name="tiny-npo",
     )
-
-
-@pytest.fixture
-def saved_model(tmp_path, tokenizer, tiny_llama):
-    path = tmp_path / "model"
-    tiny_llama.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def unlearn_argv(model: Path, output: Path) -> list[str]:

@@ -10,10 +10,10 @@ from torch import nn
 from erasus_hf.data.collator import QACollator
 from erasus_hf.objectives import CausalLMObjective, Objective, Scores, token_logprobs_from_logits
 from erasus_hf.reference import Reference
-from erasus_hf.strategies import StrategyContext, get_strategy
+from erasus_hf.strategies import get_strategy
 from erasus_hf.strategies.rmu import LayerOutputObjective, answer_positions
 
-from .conftest import nll, unlearn
+from .testing_utils import LogitsObjective, context, log_softmax_list, nll, unlearn
 
 # ---------------------------------------------------------------- stand-ins
 
@@ -45,19 +45,6 @@ class HiddenReference(Reference):
 
     def scores(self, objective, batch, hidden_layer=None):
         return objective.score(self.model, {**batch, "hidden": self.hidden})
-
-
-def context(objective, model=None, reference=None, gamma=1.0, alpha=1.0, retain_loss="nll", step=0, training=True):
-    return StrategyContext(
-        model=model,
-        objective=objective,
-        reference=reference,
-        forget_weight=gamma,
-        retain_weight=alpha,
-        retain_loss=retain_loss,
-        global_step=step,
-        training=training,
-    )
 
 
 # ---------------------------------------------------------------- RMU formulas
@@ -193,19 +180,6 @@ def test_rmu_prepare_model_under_peft_trains_only_down_proj_lora(tiny_llama):
 
 
 # ---------------------------------------------------------------- PDU formulas
-
-
-class LogitsObjective(Objective):
-    name = "causal_lm"
-
-    def score(self, model, batch, hidden_layer=None):
-        logprobs, mask = token_logprobs_from_logits(batch["logits"], batch["labels"])
-        return Scores(token_logprobs=logprobs, mask=mask, logits=batch["logits"])
-
-
-def log_softmax_list(row):
-    z = math.log(sum(math.exp(v) for v in row))
-    return [v - z for v in row]
 
 
 def retain_with_nll(value):

@@ -8,8 +8,7 @@ import torch
 from erasus_hf import UnlearningTrainer
 from erasus_hf.strategies import get_strategy
 
-from .conftest import nll, qa, unlearn
-from .test_formulas import LABELS, LOGITS, LogitsReference, batch, ctx, log_softmax_list
+from .testing_utils import LABELS, LOGITS, LogitsReference, batch, config, ctx, log_softmax_list, nll, qa, unlearn
 
 REF_LOGITS = torch.tensor(
     [
@@ -67,8 +66,6 @@ def test_scrub_alternates_max_and_min_steps():
 
 
 def test_scrub_needs_a_reference_and_retain(tmp_path, tokenizer, tiny_llama, tofu_slice):
-    from .test_trainer import config
-
     with pytest.raises(ValueError, match="needs a retain_dataset"):
         UnlearningTrainer(
             tiny_llama,

@@ -4,7 +4,6 @@
 import io
 import json
 
-import huggingface_hub
 import pytest
 from huggingface_hub import ModelCard
 from safetensors.torch import load
@@ -13,20 +12,9 @@ from erasus_hf import UnlearningTrainer
 from erasus_hf.cli import main
 from erasus_hf.evaluation import MetricSuite
 
-from .conftest import qa
-from .hub_server import HubServer
-from .test_trainer import config
+from .testing_utils import config, qa
 
 TOKEN = "hf_testtoken123"
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    with HubServer() as server:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)  # what HF_ENDPOINT sets at import
-        yield server
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ Wav2Vec2ForSequenceClassification (classification objective), each trained on th
 then made to forget one word; the sixth voice is held out."""
 
 import copy
-import importlib.util
 import json
 import pathlib
 
@@ -36,17 +35,11 @@ from erasus_hf.objectives import (
     SpeechSeq2SeqCollator,
 )
 
-EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+from .testing_utils import load_example
+
 FORGET_WORD = "three"
 HELD_OUT_VOICE = "en-gb-x-rp"
 SAMPLING_RATE = 16000
-
-
-def load_example(name: str = "unlearn_whisper_words"):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def trim_silence(audio, threshold: float = 0.02, margin: int = 800) -> np.ndarray:
@@ -172,7 +165,7 @@ def build_tiny_whisper(processor: WhisperProcessor) -> WhisperForConditionalGene
 def whisper_folder(words, tmp_path_factory):
     """A tiny Whisper trained to transcribe the five training voices, saved with its processor the way a Hub
     checkpoint is laid out."""
-    example = load_example()
+    example = load_example("unlearn_whisper_words")
     train = words[0].select_columns(["audio", "text"])
     processor = build_whisper_processor()
     model = build_tiny_whisper(processor)
@@ -185,7 +178,7 @@ def whisper_folder(words, tmp_path_factory):
 
 
 def test_example_whisper_forgets_a_word(whisper_folder, word_datasets, tmp_path):
-    example = load_example()
+    example = load_example("unlearn_whisper_words")
     output_dir = tmp_path / "forgot-three"
     metrics = example.main(
         [
@@ -235,7 +228,7 @@ def test_example_whisper_forgets_a_word(whisper_folder, word_datasets, tmp_path)
 
 def test_example_help_explains_itself(capsys):
     with pytest.raises(SystemExit):
-        load_example().main(["--help"])
+        load_example("unlearn_whisper_words").main(["--help"])
     text = capsys.readouterr().out
     assert "openai/whisper-tiny" in text and "--forget_words" in text and "transcript" in text
 

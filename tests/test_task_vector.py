@@ -8,10 +8,8 @@ import torch
 from erasus_hf import UnlearningTrainer
 from erasus_hf.evaluation import answer_nll
 from erasus_hf.strategies import get_strategy
-from erasus_hf.strategies.task_vector import finetune_on_forget
 
-from .conftest import qa
-from .test_trainer import config
+from .testing_utils import config, effective_weights, qa, trained_adapter
 
 
 def test_full_weights_are_base_minus_lambda_task_vector(tmp_path, tokenizer, tiny_llama, tofu_slice):
@@ -20,7 +18,7 @@ def test_full_weights_are_base_minus_lambda_task_vector(tmp_path, tokenizer, tin
     # The same fine-tune the strategy runs (same args, same seed), done by hand on a copy:
     args = config(tmp_path, strategy="task_vector", strategy_kwargs={"scaling": 0.5}, max_steps=3, learning_rate=1e-2)
     trainer = UnlearningTrainer(tiny_llama, args, forget_dataset=forget, processing_class=tokenizer)
-    finetuned = finetune_on_forget(trainer, copy.deepcopy(tiny_llama))
+    finetuned = trainer.finetune_on_forget(copy.deepcopy(tiny_llama))
     ft = {n: p.detach().clone() for n, p in finetuned.named_parameters()}
     assert any(not torch.equal(ft[n], base[n]) for n in base)
     trainer.train()
@@ -52,39 +50,6 @@ def test_lora_task_vector_is_a_negated_adapter(tmp_path, tokenizer, tiny_llama, 
     assert reinforced < before < after
 
 
-def trained_adapter(model, seed=0, scale=0.5):
-    """`model` with a LoRA adapter whose B matrices are non-zero: a model that arrives carrying a trained adapter
-    (as `PeftModel.from_pretrained` would give it), so adapter-off is *not* the starting model."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)  # LoRA's A initialisation
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(scale * torch.randn(param.shape, generator=generator))
-    return model
-
-
-def effective_weights(model):
-    """The dense weights a PeftModel computes with, by hand: every base weight, plus scaling * B @ A of the active
-    LoRA adapter on each adapted linear layer (no PEFT merge involved)."""
-    from peft.tuners.lora import LoraLayer
-
-    weights = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            (active,) = module.active_adapters
-            delta = module.scaling[active] * module.lora_B[active].weight @ module.lora_A[active].weight
-            weights[module_name.removeprefix("base_model.model.") + ".weight"] = module.base_layer.weight + delta
-    for name, param in model.named_parameters():
-        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if "lora_" not in name and plain not in weights:
-            weights[plain] = param
-    return {name: w.detach().clone() for name, w in weights.items()}
-
-
 def test_lora_task_vector_negates_from_the_arrived_adapter(tmp_path, tokenizer, tiny_llama, tofu_slice, monkeypatch):
     """A model that arrives with a trained adapter: theta_start = base + its adapter, and the edit is
     theta_start - lambda (theta_ft - theta_start), computed here by hand from the dense weights. (Before the fix the
@@ -92,21 +57,19 @@ def test_lora_task_vector_negates_from_the_arrived_adapter(tmp_path, tokenizer, 
     (Frobenius norm over all tensors) and 2e-7 from that wrong formula; after it, 4e-6.)"""
     from peft import PeftModel
 
-    from erasus_hf.strategies import task_vector
-
     forget = qa(tofu_slice[0]).select(range(16))
     plain, base = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
     model = trained_adapter(tiny_llama)
     start = effective_weights(model)
     finetuned = {}
 
-    def recording(trainer, m, dataset=None):  # the fine-tune the strategy runs, with its result recorded
-        out = real(trainer, m, dataset)
+    def recording(self, m, dataset=None):  # the fine-tune the strategy runs, with its result recorded
+        out = real(self, m, dataset)
         finetuned.update(effective_weights(out))
         return out
 
-    real = task_vector.finetune_on_forget
-    monkeypatch.setattr(task_vector, "finetune_on_forget", recording)
+    real = UnlearningTrainer.finetune_on_forget
+    monkeypatch.setattr(UnlearningTrainer, "finetune_on_forget", recording)
     lam = 0.5
     args = config(tmp_path, strategy="task_vector", strategy_kwargs={"scaling": lam}, max_steps=3, learning_rate=1e-2)
     trainer = UnlearningTrainer(model, args, forget_dataset=forget, processing_class=tokenizer)

@@ -10,8 +10,17 @@ import torch
 from erasus_hf.strategies import get_strategy
 from erasus_hf.strategies.token_weighted import CEU, UNDIAL, WGA, SatImp
 
-from .conftest import nll, unlearn
-from .test_formulas import LABELS, LOGITS, LogitsObjective, LogitsReference, batch, ctx, log_softmax_list
+from .testing_utils import (
+    LABELS,
+    LOGITS,
+    LogitsObjective,
+    LogitsReference,
+    batch,
+    ctx,
+    log_softmax_list,
+    nll,
+    unlearn,
+)
 
 # Answer positions of LABELS (row-major): (0, 1), (0, 2) for example 0; (1, 0), (1, 1) for example 1.
 POSITIONS = [[(0, 1), (0, 2)], [(1, 0), (1, 1)]]

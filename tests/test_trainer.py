@@ -15,23 +15,7 @@ from erasus_hf.evaluation import answer_nll
 from erasus_hf.reference import REFERENCE_ADAPTER
 from erasus_hf.strategies import STRATEGIES, Strategy
 
-from .conftest import qa
-
-
-def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-3,
-        num_train_epochs=1,
-        logging_steps=1,
-        seed=0,
-    )
-    return UnlearningConfig(**{**defaults, **kwargs})
+from .testing_utils import config, qa
 
 
 def params(model):

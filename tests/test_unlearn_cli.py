@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ from erasus_hf.config import UnlearningConfig
 from erasus_hf.scripts.parsing import make_parser, parse
 from erasus_hf.scripts.unlearn import UnlearnArguments
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_RECIPE = ROOT / "trainers" / "recipes" / "tofu_tiny_npo_lora.yaml"
+from .testing_utils import ROOT, TINY_RECIPE
 
 
 def _parser():
@@ -45,14 +43,6 @@ def test_every_recipe_parses():
     for recipe in sorted((ROOT / "trainers" / "recipes").glob("*.yaml")):
         script, config = parse(_parser(), ["--config", str(recipe), "--bf16", "false"])  # no GPU here
         assert config.output_dir.startswith("outputs/") and config.strategy in recipe.read_text(), recipe
-
-
-@pytest.fixture
-def saved_model(tmp_path, tokenizer, tiny_llama):
-    path = tmp_path / "model"
-    tiny_llama.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _run_args(model, output, batch):
@@ -117,3 +107,25 @@ def test_a_frozen_copy_reference_is_not_wrapped_for_gradients_under_ddp(tmp_path
         ("1", "LlamaForCausalLM", "0"),
     ]
     assert run.stdout.count("policy wrapped as DistributedDataParallel") == 2
+
+
+def test_help_strategy_prints_the_hyperparameters_with_types_defaults_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["unlearn", "--help-strategy", "npo"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "beta (float, default 0.1)" in out
+    assert "Inverse temperature of the log-sigmoid" in out  # NPOConfig's help
+    assert "https://arxiv.org/abs/2404.05868" in out and "Negative Preference Optimization" in out
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    assert "--help-strategy NAME" in capsys.readouterr().out
+
+
+def test_help_strategy_of_an_unknown_name_is_one_error_line_with_the_closest_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["unlearn", "--help-strategy", "npx"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("erasus-hf: error: Unknown strategy 'npx'")
+    assert "did you mean 'npo'?" in err

@@ -10,29 +10,11 @@ from torch import nn
 
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 
-datasets_sklearn = pytest.importorskip("sklearn.datasets", reason="scikit-learn is a dev dependency")
+from .testing_utils import digit_split, moving_digit_clips, pixel_rows
+
+pytest.importorskip("sklearn.datasets", reason="scikit-learn is a dev dependency")
 
 FORGET_DIGIT = 3
-
-
-def digit_split():
-    """(images [N, 8, 8] in [0, 1], labels [N], train indices (1400), test indices (397)): a fixed seeded split."""
-    data = datasets_sklearn.load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(data.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    return images, labels, order[:1400], order[1400:]
-
-
-def moving_digit_clips(images: torch.Tensor, frames: int = 4, size: int = 16) -> torch.Tensor:
-    """[N, frames, 3, size, size] clips: each 8x8 digit crosses a black canvas from left to right (rows 4-11),
-    one step per frame, in 3 channels, scaled to [-1, 1]."""
-    clips = torch.zeros(len(images), frames, 3, size, size)
-    top = (size - 8) // 2
-    for frame in range(frames):
-        left = frame * (size - 8) // (frames - 1)
-        clips[:, frame, :, top : top + 8, left : left + 8] = images[:, None]
-    return clips * 2 - 1
 
 
 def fit(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float = 3e-3) -> nn.Module:
@@ -57,10 +39,6 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> fl
     return (model(pixel_values=inputs).logits.argmax(-1) == labels).float().mean().item()
 
 
-def rows(inputs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> list[dict]:
-    return [{"pixel_values": inputs[i], "labels": labels[i]} for i in idx.tolist()]
-
-
 def unlearn_digit(model, inputs, labels, train, tmp_path, strategy, lr, epochs, **config):
     """Unlearn FORGET_DIGIT from `model` (in place) with `strategy` on the training split; return the trainer."""
     forget, retain = train[labels[train] == FORGET_DIGIT], train[labels[train] != FORGET_DIGIT]
@@ -78,7 +56,10 @@ def unlearn_digit(model, inputs, labels, train, tmp_path, strategy, lr, epochs, 
         **config,
     )
     trainer = UnlearningTrainer(
-        model, args, forget_dataset=rows(inputs, labels, forget), retain_dataset=rows(inputs, labels, retain)
+        model,
+        args,
+        forget_dataset=pixel_rows(inputs, labels, forget),
+        retain_dataset=pixel_rows(inputs, labels, retain),
     )
     assert trainer.objective.name == "classification"
     trainer.train()

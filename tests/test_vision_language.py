@@ -9,9 +9,7 @@ that digit's answer on held-out images of it, while the other digits' answers ho
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -42,9 +40,10 @@ from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.modeling.tiny import build_tiny_llama, train_tokenizer
 from erasus_hf.objectives import VisionLanguageCollator, VisionLanguageObjective, get_objective
 
+from .testing_utils import load_example
+
 datasets_sklearn = pytest.importorskip("sklearn.datasets", reason="scikit-learn is a dev dependency")
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "unlearn_llava.py"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTION = "What digit is this?"
 LLAVA_PROMPT = "USER: {image}\n{question} ASSISTANT:"  # llava-1.5's format, the example's default
@@ -53,13 +52,6 @@ IMAGE, FAKE = "<image>", "<fake_token_around_image>"
 FORGET = 7
 PATCH = 8
 NUM_IMAGE_TOKENS = (16 // PATCH) ** 2  # LLaVA's placeholders per image (the CLS feature is dropped)
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("unlearn_llava", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- data and tiny models ----
@@ -366,7 +358,7 @@ def test_score_is_the_models_own_shifted_loss(tokenizer, digits, tmp_path, famil
     assert scores.hidden_states.shape == (*batch["input_ids"].shape, 32)  # the text decoder's, not the vision's
 
     args = UnlearningConfig(output_dir=str(tmp_path), use_peft=True, report_to="none")
-    peft_model, _, _ = objective.prepare_peft(model, args, task_type=objective.peft_task_type)
+    peft_model, _, _ = objective.prepare_peft(model, args)
     adapted = {name.split(".lora_")[0] for name, _ in peft_model.named_parameters() if ".lora_" in name}
     assert adapted and not [
         n for n in adapted if {"vision_tower", "vision_model", "multi_modal_projector"} & set(n.split("."))
@@ -433,7 +425,7 @@ def test_strategies_that_cannot_serve_vision_language_say_so(tokenizer, digits, 
 
 def test_example_help_explains_itself(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_example().parse_args(["--help"])
+        load_example("unlearn_llava").parse_args(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "llava-hf/llava-1.5-7b-hf" in out and "--forget_value" in out and "LoRA adapter" in out
@@ -507,7 +499,7 @@ def test_example_unlearns_one_digit_from_llava_with_lora(llava, digits, tmp_path
     )
     data.save_to_disk(str(tmp_path / "digits"))
     output_dir = str(tmp_path / "adapter")
-    summary = load_example().main(
+    summary = load_example("unlearn_llava").main(
         ["--model", llava["path"], "--dataset", str(tmp_path / "digits"), "--forget_column", "answer"]
         + ["--forget_value", WORDS[FORGET], "--output_dir", output_dir, "--strategy", "npo", "--lora_r", "8"]
         + ["--learning_rate", "5e-3", "--num_train_epochs", "3", "--batch_size", "8", "--max_retain", "96"]

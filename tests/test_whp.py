@@ -7,7 +7,7 @@ import torch
 from erasus_hf import UnlearningConfig, UnlearningTrainer
 from erasus_hf.strategies import get_strategy
 
-from .conftest import qa
+from .testing_utils import effective_weights, qa, trained_adapter
 
 
 def test_generic_labels_suppress_what_reinforcement_raised():
@@ -125,9 +125,7 @@ def test_whp_trains_towards_the_generic_targets(tmp_path, tokenizer, tofu_slice)
 
     before = token_logprobs(model)
     reinforced = copy.deepcopy(model)
-    from erasus_hf.strategies.task_vector import finetune_on_forget
-
-    finetune_on_forget(trainer, reinforced)
+    trainer.finetune_on_forget(reinforced)
     targets = whp.generic_labels(before.logits, token_logprobs(reinforced).logits)
     changed = before.mask & (targets != batch["labels"][:, 1:])
     output = trainer.train()
@@ -152,9 +150,6 @@ def test_whp_with_an_arrived_adapter_starts_from_it(tmp_path, tokenizer, tiny_ll
     was the adapter-off model and step 3 started from the base with B = 0: 318 of the 319 targets differed and step 3
     started 28.0 away from the arrived weights, Frobenius norm over all tensors.)"""
     from erasus_hf.reference import eval_mode
-    from erasus_hf.strategies import whp as whp_module
-
-    from .test_task_vector import effective_weights, trained_adapter
 
     forget = qa(tofu_slice[0]).select(range(8))
     model = trained_adapter(tiny_llama)
@@ -177,15 +172,15 @@ def test_whp_with_an_arrived_adapter_starts_from_it(tmp_path, tokenizer, tiny_ll
         with eval_mode(m):
             return [m(torch.tensor([row["input_ids"]])).logits[0] for row in rows]
 
-    calls, real = [], whp_module.finetune_on_forget
+    calls, real = [], UnlearningTrainer.finetune_on_forget
 
-    def recording(trainer_, m, dataset=None):  # the strategy's fine-tunes: the weights they start from, the data
+    def recording(self, m, dataset=None):  # the strategy's fine-tunes: the weights they start from, the data
         before = effective_weights(m)
-        out = real(trainer_, m, dataset)
+        out = real(self, m, dataset)
         calls.append({"start": before, "dataset": dataset, "logits": logits(out) if dataset is None else None})
         return out
 
-    monkeypatch.setattr(whp_module, "finetune_on_forget", recording)
+    monkeypatch.setattr(UnlearningTrainer, "finetune_on_forget", recording)
     trainer.train()
     assert len(calls) == 2 and calls[0]["dataset"] is None
     for call in calls:  # the reinforced model and step 3 both start from the arrived model
