@@ -7,6 +7,7 @@ runs, and an exception escaping it is scrubbed before it is printed."""
 
 from __future__ import annotations
 
+import difflib
 import shlex
 import sys
 
@@ -18,6 +19,9 @@ COMMANDS = {
     "evaluate": "Evaluate a model or adapter (TOFU, MUSE, MIA, memorization) and write the evaluation JSON.",
     "push": "Upload an output folder (safetensors weights, card, evaluation JSON) to the Hugging Face Hub.",
 }
+# the model family of the commands that train one, known before any model is loaded: `--strategy` may name only
+# the strategies that serve it
+CAUSAL_LM = "causal_lm"
 
 
 def _usage() -> str:
@@ -43,14 +47,19 @@ def _run(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(redact(f"erasus-hf: unknown command {command!r}\n\n{_usage()}"), file=sys.stderr)
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" did you mean {close[0]!r}?" if close else ""
+        print(
+            redact(f"erasus-hf: error: unknown command {command!r};{hint} commands: {', '.join(COMMANDS)}"),
+            file=sys.stderr,
+        )
         return 2
     from .scripts.parsing import make_parser, parse
 
     if command == "demo":
         from .demo import DemoArguments, run_demo
 
-        (args,) = parse(make_parser((DemoArguments,), "erasus-hf demo", COMMANDS["demo"]), rest)
+        (args,) = parse(make_parser((DemoArguments,), "erasus-hf demo", COMMANDS["demo"]), rest, CAUSAL_LM)
         run_demo(args)
     elif command == "unlearn":
         from .config import UnlearningConfig
@@ -59,7 +68,7 @@ def _run(argv: list[str]) -> int:
 
         parser = make_parser((UnlearnArguments, UnlearningConfig), "erasus-hf unlearn", COMMANDS["unlearn"])
         add_strategy_help(parser)  # `--help-strategy NAME`: a strategy's hyperparameters
-        run_unlearn(*parse(parser, rest), command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
+        run_unlearn(*parse(parser, rest, CAUSAL_LM), command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
     elif command == "push":
         from .scripts.push import HubUnreachableError, PushArguments, positional_output_dir, run_push
 

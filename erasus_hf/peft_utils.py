@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 from safetensors.torch import save_file
 from torch import nn
@@ -13,6 +14,10 @@ from .config import UnlearningConfig
 
 # the frozen snapshot of an arrived adapter that serves as the reference (`erasus_hf.reference.snapshot_adapter`)
 REFERENCE_ADAPTER = "erasus_reference"
+
+# `PeftModel.__init__` (every LoRA wrap and `PeftModel.from_pretrained`) reads transformers 5's deprecated
+# `is_gradient_checkpointing`, a FutureWarning users can do nothing about; only that message is silenced
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -374,4 +374,5 @@ class UnlearningTrainer(HubMixin, Trainer):
             self.objective.save_weights(model, staging, self._adapter_name, self.args.merge_adapter, state_dict)
             strategy = {"name": self.strategy.name, "paper": self.strategy.paper, **self.strategy.hyperparameters}
             write_run_record(staging, self.processing_class, self.args.to_json_string(), strategy)
+            self.write_card(staging)  # the model card, in every save and checkpoint, as TRL writes its own
         self._saved_files[target] = set(staged.written)

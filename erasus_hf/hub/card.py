@@ -9,18 +9,28 @@ called after `save_pretrained`, it keeps PEFT's metadata (library_name, pipeline
 top; a later `save_pretrained` into the same folder drops our tags again (the body and `model-index` survive).
 PEFT does union the base model's `model_tags` into its tags, so `model.get_base_model().add_model_tags(tags)` before
 saving keeps ours through a later save as well.
+
+What the metadata may say (TRL's rules, `trl.trainer.base_trainer.BaseTrainer.create_model_card`): `base_model` only
+when the starting model is a Hub id (`hub_model_id`), never a local path, which would link to
+`https://huggingface.co//home/...`; the tags are erasus-hf's, the strategy's and the caller's, plus PEFT's own
+(`lora`, `transformers`, `base_model:adapter:<base>` for an adapter of that Hub base), never the starting model's
+training tags (`trl`, `sft`) that PEFT copies from `model_tags` into the README it writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from ..data.fingerprint import forget_fingerprint
 from ..evaluation.result import EvaluationResult
@@ -68,6 +78,20 @@ def training_arguments(args: Any) -> dict[str, Any]:
     return values
 
 
+def hub_model_id(name_or_path: str | os.PathLike | None) -> str | None:
+    """`name_or_path` (a model config's `_name_or_path`) when it is a Hub repo id, else None: an empty name, a local
+    or absolute path (`./x`, `~/x`, `/home/...`), anything that exists on disk (TRL's rule: a folder is not a Hub id)
+    and a name the Hub would refuse (`validate_repo_id`) are not."""
+    name = os.fspath(name_or_path) if name_or_path is not None else ""
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def build_model_card(
     *,
     strategy_name: str,
@@ -84,6 +108,7 @@ def build_model_card(
     datasets: list[str] | None,
     model_name: str | None,
     certification: str | None = None,
+    tags: Sequence[str] = (),
 ) -> ModelCard:
     """The README.md of an unlearned model, rendered from `erasus_hf/model_cards/unlearning_card.md`.
 
@@ -91,19 +116,23 @@ def build_model_card(
     `training_arguments(config)`; `forget_rows`: the forget set as trained on (only its count and fingerprint are
     written); `evaluation`: one `EvalResult` per summary number goes into `model-index`; `reference_note`: what
     the evaluation was compared against (defaults to the result's `meta["reference"]`); `certification`: a formal
-    guarantee, if one exists, quoted in the Limitations section.
+    guarantee, if one exists, quoted in the Limitations section; `tags`: the caller's, after erasus-hf's and the
+    strategy's. `base_model`: the starting model's name or path; only a Hub id (`hub_model_id`) becomes the
+    metadata's `base_model` and a link, a local model is named by its folder's name, without a link.
 
     No secret reaches the card: the whole rendered text goes through `erasus_hf.redaction.redact` (a `--hub_token`
     or `HF_TOKEN=` in `command`, a token-shaped string in any field).
     """
     rows = list(forget_rows)
     fingerprint = forget_fingerprint(rows)
-    title = model_name or _default_model_name(strategy_name, base_model)
+    hub_base = hub_model_id(base_model)
+    local_base = os.path.basename(os.path.normpath(base_model)) if base_model and not hub_base else None
+    title = model_name or _default_model_name(strategy_name, hub_base or local_base)
     eval_results = _eval_results(evaluation, datasets) if evaluation is not None else None
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=hub_base,
         library_name="peft" if is_adapter else "transformers",
-        tags=[*BASE_TAGS, strategy_name],
+        tags=list(dict.fromkeys([*BASE_TAGS, strategy_name, *tags])),
         datasets=datasets or None,
         model_name=title if eval_results else None,
         eval_results=eval_results,
@@ -119,7 +148,9 @@ def build_model_card(
         forget_count=len(rows),
         forget_fingerprint=fingerprint,
         retain_count=retain_count,
-        base_model=base_model,
+        datasets=datasets or [],
+        base_model=hub_base,
+        local_base=local_base,
         is_adapter=is_adapter,
         metrics=_metric_rows(evaluation),
         reference_note=_reference_note(evaluation, reference_note),
@@ -131,36 +162,48 @@ def build_model_card(
     return ModelCard(redact(card.content))
 
 
-def write_model_card(card: ModelCard, output_dir: str | Path) -> Path:
+def write_model_card(card: ModelCard, output_dir: str | Path, foreign_tags: Iterable[str] = ()) -> Path:
     """Write `card` as `output_dir/README.md` and return its path.
 
     Call it after `save_pretrained`: an existing README.md's metadata (PEFT's `library_name`, `pipeline_tag`,
-    `base_model`, tags, ...) is merged in: our values win where both are set, the tags are the union (ours first).
-    Its body is replaced by ours. `card` itself is not modified. What is written is redacted
-    (`erasus_hf.redaction.redact`), the merged-in metadata included.
+    tags, ...) is merged in: our values win where both are set, the tags are the union (ours first) less
+    `foreign_tags` (the starting model's `model_tags` that PEFT copied in, e.g. TRL's `sft`, `trl`), a
+    `base_model:` tag that does not name our adapter's Hub base, and a `base_model` that is not a Hub id. Its body is
+    replaced by ours. `card` itself is not modified. What is written is redacted (`erasus_hf.redaction.redact`), the
+    merged-in metadata included, and replaces README.md in one rename: the old card or the new one, never half.
     """
     path = Path(output_dir) / "README.md"
     merged = ModelCard(card.content)
     if path.exists():
-        _merge_metadata(merged.data, ModelCard.load(path).data)
+        _merge_metadata(merged.data, ModelCard.load(path).data, set(foreign_tags))
     path.parent.mkdir(parents=True, exist_ok=True)
-    ModelCard(redact(merged.content)).save(path)
+    handle, partial = tempfile.mkstemp(prefix=".README.md.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        ModelCard(redact(merged.content)).save(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return path
 
 
-def _merge_metadata(ours: ModelCardData, theirs: ModelCardData) -> None:
+def _merge_metadata(ours: ModelCardData, theirs: ModelCardData, foreign_tags: set[str]) -> None:
     for key, value in theirs.to_dict().items():
         if key == "tags" or value in (None, "", []):
             continue
         if key == "model-index":
             if ours.eval_results is None:
                 ours.eval_results, ours.model_name = theirs.eval_results, theirs.model_name
+        elif key == "base_model":  # PEFT writes the config's _name_or_path, a local path as well
+            if ours.base_model in (None, "") and isinstance(value, str) and hub_model_id(value):
+                ours.base_model = value
         elif ours.get(key) in (None, "", []):
             ours[key] = value
-    base = ours.get("base_model")
-    # PEFT tags the adapter `base_model:adapter:<config _name_or_path>`; one naming another base than ours is stale
+    # PEFT tags the adapter `base_model:adapter:<config _name_or_path>`: right only for an adapter of our Hub base
+    adapter_tag = f"base_model:adapter:{ours.base_model}" if ours.base_model and ours.library_name == "peft" else None
     their_tags = [
-        t for t in theirs.tags or [] if not (base and t.startswith("base_model:") and t.split(":", 2)[-1] != base)
+        t for t in theirs.tags or [] if t not in foreign_tags and (not t.startswith("base_model:") or t == adapter_tag)
     ]
     ours.tags = list(dict.fromkeys([*(ours.tags or []), *their_tags]))
 

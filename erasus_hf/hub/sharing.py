@@ -14,19 +14,26 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Any
 
+from transformers import PreTrainedModel
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils.hub import PushInProgress
 
 from ..evaluation.result import EvaluationResult
 from ..peft_utils import is_peft_model
-from .card import build_model_card, training_arguments, write_model_card
+from .card import BASE_TAGS, build_model_card, training_arguments, write_model_card
 from .push import create_model_repo, files_to_push, push_output
 
 logger = logging.getLogger(__name__)
+
+# `create_model_card`'s arguments when it was not called (or left them out)
+CARD_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"model_name": None, "tags": [], "evaluation": None, "reference_note": None, "command": None, "datasets": None}
+)
 
 
 class HubMixin:
@@ -36,24 +43,58 @@ class HubMixin:
 
     _hub_pool: ThreadPoolExecutor | None
     push_in_progress: PushInProgress | None
+    # what the last `create_model_card` call said (replaced by each call): every later card is written with it
+    _card_arguments: Mapping[str, Any] = MappingProxyType({})
 
     def create_model_card(
         self,
+        *,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | Sequence[str] | None = None,
         evaluation: EvaluationResult | None = None,
         reference_note: str | None = None,
         command: str | None = None,
-        datasets: list[str] | None = None,
-        model_name: str | None = None,
-        **kwargs: Any,
+        datasets: Sequence[str] | None = None,
     ) -> None:
         """Write the evaluation model card (README.md) to `output_dir`: strategy, hyperparameters, the forget set
         as a count and a SHA-256 fingerprint (never its text), the evaluation (default: the last in-training one)
-        and the reproducing command. Runs on the main process; call it after `save_model` (PEFT's own card
-        generation rewrites README.md)."""
-        if not self.args.should_save:
-            return
+        and the reproducing command. Runs on the main process.
+
+        TRL's arguments: `model_name` (the title), `dataset_name` (added to `datasets`, the card's `datasets`
+        metadata), `tags` (after erasus-hf's and the strategy's). The arguments are kept: every later save
+        (`save_model`, each checkpoint, see `write_card`) writes the card again with them."""
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        names = [*(datasets or []), *([dataset_name] if dataset_name else [])]
+        self._card_arguments = {
+            "model_name": model_name,
+            "tags": extra_tags,
+            "evaluation": evaluation,
+            "reference_note": reference_note,
+            "command": command,
+            "datasets": list(dict.fromkeys(names)) or None,
+        }
+        if self.args.should_save:
+            self._write_card(self.args.output_dir, any_model=True)
+
+    def write_card(self, folder: str) -> None:
+        """Write this run's card into `folder`, a save's staging folder (`UnlearningTrainer._save`, after the
+        weights: PEFT's README.md is there to merge), so the card is part of the save, complete or absent, in
+        `output_dir` and in every `checkpoint-*` (TRL writes its card at each checkpoint and in `save_model`
+        as well). With the arguments of the last `create_model_card` call, if any. Only for a transformers model
+        (or a PEFT adapter of one): this card's metadata describes one; a diffusers UNet saves none."""
+        self._write_card(folder, any_model=False)
+
+    def _write_card(self, folder: str, any_model: bool) -> None:
+        """The card into `folder`; `any_model=False` skips a model that is not a transformers one."""
         model = self.accelerator.unwrap_model(self.model)
-        base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        base = model.get_base_model() if is_peft_model(model) else model
+        if not (any_model or isinstance(base, PreTrainedModel)):
+            return
+        arguments = {**CARD_DEFAULTS, **self._card_arguments}
+        evaluation = arguments.pop("evaluation")
+        ours = [*BASE_TAGS, self.strategy.name, *arguments["tags"]]
+        starting_tags = (base.model_tags or []) if isinstance(base, PreTrainedModel) else []
         card = build_model_card(
             strategy_name=self.strategy.name,
             paper=self.strategy.paper,
@@ -61,15 +102,13 @@ class HubMixin:
             training_args={**training_arguments(self.args), "reference_mode": self.reference_mode},
             forget_rows=self.forget_rows,
             retain_count=len(self.retain_rows) if self.retain_rows is not None else None,
-            base_model=base,
+            base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
             is_adapter=is_peft_model(model) and not self.args.merge_adapter,
             evaluation=evaluation if evaluation is not None else self.last_evaluation,
-            reference_note=reference_note,
-            command=command,
-            datasets=datasets,
-            model_name=model_name,
+            **arguments,
         )
-        write_model_card(card, self.args.output_dir)
+        # PEFT copies the starting model's `model_tags` (TRL's `trl`, `sft`, ...) into its README: not ours
+        write_model_card(card, folder, foreign_tags=[t for t in starting_tags if t not in ours])
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Create the model repo `args.hub_model_id` (default: the output folder's name) as `Trainer.init_hf_repo`

@@ -16,11 +16,13 @@ WIDTH = 100
 
 
 def strategy_help(name: str) -> str:
-    """The help text of the registered strategy `name`; an unknown name raises ValueError with the closest match and
-    the valid names (`Registry.lookup`)."""
+    """The help text of the registered strategy `name` (any case: `NPO` is `npo`); an unknown name raises ValueError
+    with the closest match and the valid names (`Registry.lookup`)."""
     from ..strategies import STRATEGIES
+    from .parsing import strategy_name
 
-    cls = STRATEGIES.lookup(name)
+    name = strategy_name(name)
+    cls = STRATEGIES[name]
     summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0]
     lines = [f"{name}: {cls.__name__}"]
     if summary:

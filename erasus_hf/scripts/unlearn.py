@@ -81,6 +81,21 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def summary_table(summary: dict[str, float], path: str) -> str:
+    """The final evaluation as the run's last lines on stdout: one `metric  value` row per summary metric, under
+    the path of the JSON that holds them with the per-example values."""
+    width = max((len(name) for name in summary), default=0)
+    rows = [
+        f"  {name:<{width}}  {value:.4g}" if _number(value) else f"  {name:<{width}}  {value}"
+        for name, value in summary.items()
+    ]
+    return "\n".join([f"final evaluation (all of it in {path}):", *rows])
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str | None = None) -> UnlearningTrainer:
     """Train, save the weights, evaluate with TOFU (eval.json) and write the model card; `command` (the command
     line that ran this) goes into the card, redacted (no token reaches the card: `erasus_hf.redaction`)."""
@@ -139,4 +154,6 @@ def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str |
     trainer.create_model_card(evaluation=result, command=command, datasets=datasets)
     if trainer.args.should_save:
         print(redact(f"[rank {rank}] wrote {config.output_dir}: {', '.join(sorted(os.listdir(config.output_dir)))}"))
+        if result is not None:  # the run's last lines: its final metrics
+            print(redact(summary_table(result.summary, os.path.join(config.output_dir, "eval.json"))))
     return trainer
