@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .redaction import redact, redact_json, register_secret
 
@@ -16,10 +18,25 @@ RETAIN_LOSSES = ("nll", "kl", "none")
 RETAIN_KL_POSITIONS = ("answer", "all")
 REFERENCE_MODES = ("auto", "adapter", "copy", "cached", "none")
 DIVERGENCE_FACTOR = 10.0  # see erasus_hf.divergence
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # model_init_kwargs["dtype"], as TRL's create_model_from_path
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_dict(value: dict[str, Any] | str | None, name: str) -> dict[str, Any]:
+    """A dict-valued field given as a dict, a JSON object string (the command line) or None (empty)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} is not valid JSON: {value!r}") from err
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict or a JSON object, got {type(value)}")
+    return value
 
 
 @dataclass
@@ -71,6 +88,15 @@ class UnlearningConfig(TrainingArguments):
         default=None,
         metadata={"help": "Modules that get a LoRA adapter; default 'all-linear' (every linear layer but the head)."},
     )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained`, used when the trainer's `model` is "
+            'a model id or path (as TRL\'s `model_init_kwargs`): e.g. \'{"dtype": "bfloat16", '
+            '"attn_implementation": "sdpa", "trust_remote_code": true, "quantization_config": '
+            '{"load_in_4bit": true}}\'. `trust_remote_code` and `revision` also apply to the tokenizer.'
+        },
+    )
     merge_adapter: bool = field(
         default=False, metadata={"help": "save_model writes the merged model instead of the adapter alone."}
     )
@@ -104,15 +130,8 @@ class UnlearningConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.strategy_kwargs, str):
-            try:
-                self.strategy_kwargs = json.loads(self.strategy_kwargs) if self.strategy_kwargs.strip() else {}
-            except json.JSONDecodeError as err:
-                raise ValueError(f"strategy_kwargs is not valid JSON: {self.strategy_kwargs!r}") from err
-        if self.strategy_kwargs is None:
-            self.strategy_kwargs = {}
-        if not isinstance(self.strategy_kwargs, dict):
-            raise ValueError(f"strategy_kwargs must be a dict or a JSON object, got {type(self.strategy_kwargs)}")
+        self.strategy_kwargs = _json_dict(self.strategy_kwargs, "strategy_kwargs")
+        self._check_model_init_kwargs()
         if self.retain_loss not in RETAIN_LOSSES:
             raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}, got {self.retain_loss!r}")
         if self.retain_kl_positions not in RETAIN_KL_POSITIONS:
@@ -131,6 +150,39 @@ class UnlearningConfig(TrainingArguments):
         if self.pairing_seed is None:
             self.pairing_seed = self.seed
         register_secret(self.hub_token)
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments) -> UnlearningConfig:
+        """A plain `TrainingArguments` as an `UnlearningConfig`: its values (tokens included: `to_dict` masks them),
+        and the unlearning options at their defaults, as TRL's trainers convert one to their own config.
+        `remove_unused_columns` is set False: unlearning batches are nested dicts."""
+        values = args.to_dict()
+        for name in values:
+            if name.endswith("_token"):
+                values[name] = getattr(args, name)
+        values["remove_unused_columns"] = False
+        return cls(**values)
+
+    def _check_model_init_kwargs(self) -> None:
+        """`model_init_kwargs` as a dict (a JSON string parsed; a quantization config object as its dict, so the
+        run's config stays JSON), with a `dtype` that `from_pretrained` takes."""
+        if self.model_init_kwargs is None:
+            return
+        kwargs = dict(_json_dict(self.model_init_kwargs, "model_init_kwargs"))  # a copy: the caller's dict stays
+        dtype = kwargs.get("dtype")
+        if isinstance(dtype, torch.dtype):
+            kwargs["dtype"] = str(dtype).removeprefix("torch.")
+        elif dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"model_init_kwargs['dtype'] must be one of {DTYPES} (or a torch.dtype), got {dtype!r}.")
+        quantization = kwargs.get("quantization_config")
+        if quantization is not None and not isinstance(quantization, dict):
+            if not isinstance(quantization, QuantizationConfigMixin):
+                raise ValueError(
+                    "model_init_kwargs['quantization_config'] must be a dict (e.g. {'load_in_4bit': True}) or a "
+                    f"transformers quantization config, got {type(quantization).__name__}."
+                )
+            kwargs["quantization_config"] = quantization.to_dict()
+        self.model_init_kwargs = kwargs
 
     def _check_divergence_factor(self) -> None:
         if self.divergence_factor == 0:
@@ -182,3 +234,23 @@ class UnlearningConfig(TrainingArguments):
         return redact(super().__str__())
 
     __repr__ = __str__
+
+
+def as_unlearning_config(args: TrainingArguments | None) -> UnlearningConfig:
+    """The trainer's `args`: an `UnlearningConfig` as it is, None as the default one, a plain `TrainingArguments`
+    converted (`UnlearningConfig.from_training_arguments`) with a warning, as TRL's trainers take one."""
+    if args is None:
+        return UnlearningConfig(output_dir="erasus_hf_output")
+    if isinstance(args, UnlearningConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"args must be an UnlearningConfig, got {type(args).__name__}")
+    config = UnlearningConfig.from_training_arguments(args)
+    warnings.warn(
+        f"args is a transformers.TrainingArguments; it was converted to an UnlearningConfig with its values and the "
+        f"unlearning options at their defaults (strategy={config.strategy!r}, retain_loss={config.retain_loss!r}, "
+        f"max_length={config.max_length}). Pass an UnlearningConfig to set them.",
+        UserWarning,
+        stacklevel=3,  # the user's UnlearningTrainer(...) call
+    )
+    return config

@@ -1,13 +1,17 @@
 """Model folders checked before anything loads: a missing local path, a folder that is not a model, an adapter whose
-base moved, or no tokenizer is named with its fix instead of surfacing as a Hub-id or sentencepiece error."""
+base moved, or no tokenizer is named with its fix instead of surfacing as a Hub-id or sentencepiece error; and a
+model id loaded with the run's `model_init_kwargs`, as TRL's trainers load one."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.quantizers import AutoQuantizationConfig
 
 TOKENIZER_FILES = (
     "tokenizer_config.json",
@@ -83,11 +87,49 @@ def check_model_source(name_or_path: str, base_model: str | None = None, needs_t
     return name_or_path
 
 
+def from_pretrained_kwargs(model_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """`UnlearningConfig.model_init_kwargs` as `from_pretrained` takes them: a `dtype` name ("bfloat16", ...) as the
+    `torch.dtype` ("auto" as it is), a `quantization_config` dict as its transformers config (refused, naming the
+    methods, when it says none)."""
+    kwargs = dict(model_init_kwargs or {})
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    quantization = kwargs.get("quantization_config")
+    if isinstance(quantization, dict):
+        try:
+            kwargs["quantization_config"] = AutoQuantizationConfig.from_dict(quantization)
+        except ValueError as err:
+            raise ValueError(
+                f"model_init_kwargs['quantization_config'] = {quantization!r} names no quantization method: give "
+                "'quant_method' (e.g. 'bitsandbytes_4bit', 'torchao', 'quanto') or bitsandbytes' 'load_in_4bit': "
+                f"True / 'load_in_8bit': True. ({err})"
+            ) from err
+    return kwargs
+
+
+def refuse_init_kwargs_for_instance(model: object, model_init_kwargs: dict[str, Any] | None) -> None:
+    """`model_init_kwargs` only apply to a model that the trainer loads: with a model object they would be silently
+    ignored (its dtype, attention and quantization are already set), so they are refused."""
+    if model_init_kwargs:
+        raise ValueError(
+            f"args.model_init_kwargs ({sorted(model_init_kwargs)}) apply when the model is given as a model id or "
+            f"path, but it is an instantiated {type(model).__name__}: pass its id/path to load it with them, or load "
+            "it yourself with those arguments (from_pretrained(..., dtype=...)) and unset model_init_kwargs."
+        )
+
+
 def load_causal_lm(
-    name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None
+    name_or_path: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    model_init_kwargs: dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) from a folder or Hub id, checked first (`check_model_source`); the tokenizer from the same
-    place unless one is given."""
+    """(model, tokenizer) from a folder or Hub id, checked first (`check_model_source`), the model loaded with
+    `model_init_kwargs` (`from_pretrained_kwargs`); the tokenizer from the same place unless one is given, with the
+    same `trust_remote_code` and `revision`, as TRL loads it."""
+    kwargs = from_pretrained_kwargs(model_init_kwargs)
     tokenizer_source = check_model_source(name_or_path, needs_tokenizer=tokenizer is None)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(tokenizer_source)
-    return AutoModelForCausalLM.from_pretrained(name_or_path), tokenizer
+    if tokenizer is None:
+        shared = {key: kwargs[key] for key in ("trust_remote_code", "revision") if key in kwargs}
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **shared)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs), tokenizer

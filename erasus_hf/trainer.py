@@ -23,16 +23,16 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import TrainOutput
 
-from .config import UnlearningConfig
+from .config import UnlearningConfig, as_unlearning_config
 from .data.collator import NestedCollator, QACollator, default_side_collator
 from .data.pairing import ForgetRetainDataset, PairingEpochCallback
 from .data.prepare import embedding_rows, eval_pairs, prepare_side, warn_overlap, warn_past_positions, with_alternates
-from .data.validation import to_dataset
+from .data.validation import eval_sides, to_dataset
 from .divergence import DivergenceCallback
 from .evaluation.result import EvaluationResult
 from .evaluation.suite import Evaluator, MetricSuite
 from .hub.sharing import HubMixin
-from .model_source import load_causal_lm
+from .model_source import load_causal_lm, refuse_init_kwargs_for_instance
 from .objectives import Objective, get_objective
 from .output_folder import StagedSave, check_finite_weights, check_output_dir, save_plan, write_run_record
 from .reference import Reference, build_reference, check_reference_model, frozen_copy, resolve_reference_mode
@@ -51,8 +51,8 @@ class UnlearningTrainer(HubMixin, Trainer):
     (`loss_is_scaled_for_ga = False`).
 
     Args:
-        model: a model, or a model id/path loaded with `AutoModelForCausalLM`.
-        args: an `UnlearningConfig`.
+        model: a model, or a model id/path loaded with `AutoModelForCausalLM` and `args.model_init_kwargs`.
+        args: an `UnlearningConfig` (a plain `TrainingArguments` is converted to one, with a warning, as in TRL).
         forget_dataset: what to unlearn: question/answer rows, pre-tokenized rows (`input_ids`, `labels`), or the
             inputs and `labels` of a classifier.
         retain_dataset: what to keep; required by strategies with a retain term (unless `retain_loss="none"`).
@@ -61,7 +61,8 @@ class UnlearningTrainer(HubMixin, Trainer):
         peft_config: a PEFT config to wrap `model` with (`use_peft=True` builds a LoRA config from `args`).
         processing_class: the tokenizer (required for causal LMs; loaded with the model when `model` is a string).
         data_collator: the collator of *one side* of a batch; defaults to the objective's (`Objective.collator_for`).
-        eval_dataset: `{"forget": ds, "retain": ds}` for `evaluate()`; defaults to the training forget/retain sets.
+        eval_dataset: `{"forget": ds, "retain": ds}` for `evaluate()`, or one dataset: the forget side (paired with the
+            training retain set); defaults to the training forget/retain sets.
         objective: "causal_lm", "classification" or an `Objective`; detected from the model when None.
         reference: an already built `Reference` to use as it is (`StrategyPipeline` passes the original model's).
         evaluators: a `MetricSuite`, or evaluator names/objects for one, run by every `evaluate()` (so at each
@@ -86,7 +87,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         peft_config: Any | None = None,
         processing_class: PreTrainedTokenizerBase | None = None,
         data_collator: Any | None = None,
-        eval_dataset: dict[str, Any] | None = None,
+        eval_dataset: dict[str, Any] | Dataset | list[dict] | None = None,
         objective: str | Objective | None = None,
         reference: Reference | None = None,
         callbacks: list[TrainerCallback] | None = None,
@@ -95,17 +96,18 @@ class UnlearningTrainer(HubMixin, Trainer):
         evaluation_data: dict[str, Any] | None = None,
         evaluation_reference: EvaluationResult | str | os.PathLike | None = None,
     ) -> None:
-        args = args if args is not None else UnlearningConfig(output_dir="erasus_hf_output")
-        if not isinstance(args, UnlearningConfig):
-            raise TypeError(f"args must be an UnlearningConfig, got {type(args).__name__}")
+        args = as_unlearning_config(args)  # a plain TrainingArguments: converted, with a warning
         check_output_dir(args.output_dir, args.overwrite_output_dir)  # one run per folder, refused before compute
         # every check before any compute: hyperparameters (typed when the strategy is built), the data's containers,
         # the model folder; the rows themselves in prepare_side, before tokenization and any reference pass
         self.strategy: Strategy = get_strategy(args.strategy, **args.strategy_kwargs)
         forget_dataset = to_dataset(forget_dataset, "forget") if forget_dataset is not None else None
         retain_dataset = to_dataset(retain_dataset, "retain") if retain_dataset is not None else None
+        eval_dataset = eval_sides(eval_dataset)  # {"forget": ..., "retain": ...} or None
         if isinstance(model, (str, os.PathLike)):
-            model, processing_class = load_causal_lm(os.fspath(model), processing_class)
+            model, processing_class = load_causal_lm(os.fspath(model), processing_class, args.model_init_kwargs)
+        else:
+            refuse_init_kwargs_for_instance(model, args.model_init_kwargs)
         self.objective: Objective = get_objective(objective, model)
         if self.objective.name not in self.strategy.objectives:
             raise ValueError(
@@ -161,7 +163,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         if self.reference_mode == "copy" and ref_model is None and reference is None:
             ref_model = frozen_copy(starting_model)  # after the data checks: no copy for a run that is refused
         train_dataset = ForgetRetainDataset(forget, retain, seed=args.pairing_seed)
-        if eval_dataset:
+        if eval_dataset is not None:
             alternates = self.strategy.alternate_answers
             eval_set = eval_pairs(
                 eval_dataset, side_collator, forget, retain, alternates, args.seed, args.pairing_seed

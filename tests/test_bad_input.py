@@ -193,10 +193,12 @@ def test_save_refuses_non_finite_weights(tmp_path, tokenizer, tiny_llama, tofu_s
 
 
 def test_args_must_be_an_unlearning_config(tokenizer, tiny_llama, tofu_slice):
+    """Issue 17: a plain `TrainingArguments` is converted with a warning, as TRL converts to its configs
+    (tests/test_trl_inputs.py); anything else is still refused."""
     from transformers import TrainingArguments
 
     with pytest.raises(TypeError, match="UnlearningConfig"):
         UnlearningTrainer(
-            tiny_llama, TrainingArguments(output_dir="x"), forget_dataset=qa(tofu_slice[0]), processing_class=tokenizer
+            tiny_llama, {"output_dir": "x"}, forget_dataset=qa(tofu_slice[0]), processing_class=tokenizer
         )
     assert isinstance(UnlearningConfig(output_dir="x"), TrainingArguments)

@@ -112,7 +112,7 @@ def warn_past_positions(model: nn.Module, side: Dataset | None, what: str, max_l
 
 
 def eval_pairs(
-    eval_dataset: dict[str, Any],
+    eval_dataset: dict[str, Dataset | None],
     side_collator: Any,
     forget: Dataset,
     retain: Dataset | None,
@@ -120,10 +120,9 @@ def eval_pairs(
     seed: int,
     pairing_seed: int,
 ) -> ForgetRetainDataset:
-    """`{"forget": ds, "retain": ds}` -> pairs whose indices follow the training forget set's (one cache); the
-    training `retain` side pairs with the eval forget rows when `eval_dataset` has no retain set."""
-    if set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
-        raise ValueError("eval_dataset must be {'forget': dataset, 'retain': dataset (optional)}.")
+    """`{"forget": ds, "retain": ds or None}` (`validation.eval_sides`) -> pairs whose indices follow the training
+    forget set's (one cache); the training `retain` side pairs with the eval forget rows when `eval_dataset` has no
+    retain set."""
     eval_forget = with_alternates(eval_dataset["forget"], alternate_answers, seed)
     eval_retain = eval_dataset.get("retain")
     return ForgetRetainDataset(

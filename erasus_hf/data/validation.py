@@ -1,8 +1,9 @@
 """Refuse malformed forget/retain data before any compute, naming the side, the row, the column and the fix.
 
 `to_dataset` turns what a user passes as one side into a `datasets.Dataset` (refusing paths, dicts of columns,
-`DatasetDict`s and rows whose columns disagree); `check_qa_rows` checks the rows a causal-LM `QACollator` will read:
-raw question/answer text, or pre-tokenized ids that fit the model's vocabulary.
+`DatasetDict`s and rows whose columns disagree), `eval_sides` does it for `eval_dataset`; `check_qa_rows` checks the
+rows a causal-LM `QACollator` will read: raw question/answer text, or pre-tokenized ids that fit the model's
+vocabulary.
 """
 
 from __future__ import annotations
@@ -39,11 +40,7 @@ def to_dataset(data: Any, what: str = "dataset") -> Dataset:
         return data
     where = f"The {what} set ({_argument(what)})"
     if isinstance(data, (DatasetDict, IterableDatasetDict)):
-        splits = list(data)
-        raise ValueError(
-            f"{where} is a DatasetDict with splits {splits}; pass one split, e.g. "
-            f"{_argument(what).split('[')[0]}=dataset[{splits[0] if splits else 'train'!r}]."
-        )
+        raise ValueError(f"{where} is a DatasetDict {_pass_a_split(data, _argument(what).split('[')[0])}")
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
         loader = LOADERS.get(os.path.splitext(path)[1].lower(), "json")
@@ -74,6 +71,36 @@ def to_dataset(data: Any, what: str = "dataset") -> Dataset:
         return Dataset.from_list(rows)
     except Exception as err:  # pyarrow's conversion errors (ArrowInvalid, ArrowTypeError) name no row
         raise ValueError(f"{where}: its rows do not form one table ({type(err).__name__}: {err}).") from err
+
+
+def _pass_a_split(splits: Mapping, argument: str) -> str:
+    """'with splits [...]; pass one split, e.g. forget_dataset=dataset['train']' (the 'train' split when there is
+    one, else the first)."""
+    names = list(splits)
+    split = "train" if "train" in names or not names else names[0]
+    return f"with splits {names}; pass one split, e.g. {argument}=dataset[{split!r}]."
+
+
+def eval_sides(eval_dataset: Any) -> dict[str, Dataset | None] | None:
+    """`eval_dataset` as `{"forget": Dataset, "retain": Dataset or None}`: a `{"forget": ..., "retain": ...}` dict
+    (retain optional), or one dataset (a `Dataset` or a list of rows): the forget side, as TRL users pass
+    `eval_dataset`. A `DatasetDict` of other splits is refused with the split to pass; None stays None."""
+    if eval_dataset is None:
+        return None
+    if not isinstance(eval_dataset, Mapping):
+        eval_dataset = {"forget": eval_dataset}
+    elif set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
+        if isinstance(eval_dataset, (DatasetDict, IterableDatasetDict)):
+            raise ValueError(
+                f"The eval set (eval_dataset) is a DatasetDict {_pass_a_split(eval_dataset, 'eval_dataset')} One "
+                "dataset is the eval forget side; {'forget': dataset, 'retain': dataset} gives both."
+            )
+        raise ValueError("eval_dataset must be {'forget': dataset, 'retain': dataset (optional)}, or one dataset.")
+    retain = eval_dataset.get("retain")
+    return {
+        "forget": to_dataset(eval_dataset["forget"], "eval forget"),
+        "retain": None if retain is None else to_dataset(retain, "eval retain"),
+    }
 
 
 def check_row_dicts(rows: list, what: str) -> None:
