@@ -9,6 +9,12 @@ ROUGE-L (Lin 2004, "ROUGE: A Package for Automatic Evaluation of Summaries") is 
 alphanumeric tokens and Porter-stemmed; with LCS the length of their longest common subsequence of tokens,
 ``recall = LCS / len(reference tokens)``, ``precision = LCS / len(prediction tokens)`` and
 ``F1 = 2 P R / (P + R)`` (0 when either is 0).
+
+Long prompts. A prompt and its new tokens must fit the model's positions (``config.max_position_embeddings``;
+``transformers`` only warns past it, and the scores are then computed on positions the model never trained on).
+`prompt_budget` is the room left for the prompt once the new tokens are counted, and `greedy_generate` cuts longer
+prompts from the LEFT (`cut_left`): the end of the prompt, where the continuation starts, is kept, as are the
+special tokens the tokenizer adds around it (the BOS).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from rouge_score import rouge_scorer
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 from transformers.utils.logging import is_progress_bar_enabled
 
 from ..reference import eval_mode
@@ -36,6 +42,7 @@ def greedy_generate(
     batch_size: int = 32,
     desc: str | None = None,
     sharded: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts` (``model.generate(do_sample=False)``), batched with left padding.
 
@@ -45,6 +52,8 @@ def greedy_generate(
     a length. Returns, per prompt, the decoded NEW tokens before the EOS (special tokens skipped, whitespace
     stripped), as open-unlearning cuts its generations at the EOS. Under several processes the prompts are split
     between them (``distributed.map_sharded``; pass ``sharded=False`` for a model sharded across processes).
+    A prompt of more than `max_prompt_tokens` tokens (BOS included) is cut from the left to that many (`cut_left`);
+    None leaves every prompt whole (`prompt_budget` gives the limit that fits the model).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string.")
@@ -56,6 +65,8 @@ def greedy_generate(
         raise ValueError("The tokenizer has no pad token; set one (ensure_pad_token does it from EOS).")
     if any(not isinstance(p, str) for p in prompts):
         raise TypeError("Every prompt must be a string.")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
     device = next(model.parameters()).device
 
     def generate_block(block: list[str]) -> list[str]:
@@ -64,7 +75,7 @@ def greedy_generate(
         with eval_mode(model):
             for start in tqdm(starts, desc=desc, disable=desc is None or not is_progress_bar_enabled(), leave=False):
                 chunk = block[start : start + batch_size]
-                encoded = tokenizer(chunk, padding=True, padding_side="left", return_tensors="pt").to(device)
+                encoded = encode_prompts(tokenizer, chunk, max_prompt_tokens).to(device)
                 generated = model.generate(
                     input_ids=encoded["input_ids"],
                     attention_mask=encoded["attention_mask"],
@@ -79,6 +90,69 @@ def greedy_generate(
         return outputs
 
     return map_sharded(generate_block, list(prompts), sharded=sharded)
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The positions the model was built for (``config.max_position_embeddings``); None when its config declares no
+    limit (relative-position models such as T5)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def prompt_budget(model: nn.Module, max_new_tokens: int, option: str = "max_new_tokens") -> int | None:
+    """The most prompt tokens that leave room for `max_new_tokens` new ones within the model's positions
+    (`model_context` minus `max_new_tokens`); None when the model declares no limit.
+
+    Raises ValueError, naming `option` (the setting that holds `max_new_tokens`), when the new tokens alone fill the
+    context: no prompt would fit, so it fails before any compute.
+    """
+    context = model_context(model)
+    if context is None:
+        return None
+    if max_new_tokens >= context:
+        raise ValueError(
+            f"{option}={max_new_tokens} leaves no room for the prompt: the model has max_position_embeddings="
+            f"{context}, and the prompt and its new tokens must fit in it. Lower {option} below {context}."
+        )
+    return context - max_new_tokens
+
+
+def count_longer(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int | None) -> int:
+    """How many of `prompts` tokenize (as `greedy_generate` does, BOS included) to more than `max_prompt_tokens`."""
+    if max_prompt_tokens is None:
+        return 0
+    return sum(len(ids) > max_prompt_tokens for ids in tokenizer(list(prompts))["input_ids"])
+
+
+def cut_left(ids: Sequence[int], special_mask: Sequence[int], limit: int) -> list[int]:
+    """`ids` cut from the left to `limit` tokens, keeping the special tokens the tokenizer put at either end
+    (`special_mask`, 1 for those: the BOS of a Llama prompt) and the last tokens of the text between them.
+
+    When the specials alone take `limit` tokens or more, the last `limit` tokens are kept.
+    """
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    head = next((i for i, special in enumerate(special_mask) if not special), len(ids))
+    tail = next((i for i, special in enumerate(reversed(special_mask)) if not special), 0)
+    room = limit - head - tail
+    if room < 1:
+        return ids[-limit:]
+    end = len(ids) - tail
+    return ids[:head] + ids[end - room : end] + ids[end:]
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int | None = None
+) -> BatchEncoding:
+    """`prompts` tokenized (BOS included), each cut to `max_prompt_tokens` by `cut_left`, left-padded into tensors."""
+    if max_prompt_tokens is None:
+        return tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    encoded = tokenizer(prompts, return_special_tokens_mask=True)
+    rows = [
+        cut_left(ids, mask, max_prompt_tokens)
+        for ids, mask in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True)
+    ]
+    return tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
 
 
 def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:

@@ -26,6 +26,20 @@ arXiv:2407.06460): verbatim memorization, knowledge memorization and privacy lea
   stratified percentile bootstrap of ``auc.auc_interval``), and fewer than ``auc.MIN_ROWS_PER_SIDE`` texts a side
   draw a warning.
 
+Long inputs. VerbMem prompts run to 2,048 Llama tokens. MUSE's code (``swj0419/muse_bench``, ``metrics/verbmem.py``
+and ``metrics/knowmem.py``) tokenizes each prompt whole (BOS included) and generates 128 (VerbMem) or 32 (KnowMem) new
+tokens, with no cut: its models are Llama-2 7B, whose 4,096 positions hold a 2,048-token prompt and its continuation.
+open-unlearning does the same for VerbMem (``MUSE_forget_verbmem``: its ``max_length`` of 2048 caps the true
+continuation, not the prompt) and cuts its KnowMem prompts on the right at 512 tokens (``MUSE_forget_knowmem``,
+``truncation=True``). Neither fits a prompt to a shorter context, where ``generate`` runs past
+``max_position_embeddings`` (``transformers`` only warns). Here each prompt is cut from the LEFT to the model's
+context minus the generation length (``generation.prompt_budget``; the BOS and the end of the prompt, where the
+continuation starts, are kept), so on MUSE's own models (and any model whose context holds the prompt and its new
+tokens) nothing is cut and the default matches MUSE's; a generation length that alone fills the context is an
+error naming the option to lower, raised before any compute. PrivLeak texts are cut to ``min(max_length, context)``
+tokens. ``meta["{name}/truncation"]`` records the context, each part's prompt budget and how many prompts (texts)
+were cut.
+
 Prompt format. MUSE's code writes ``"Question: {q}\\nAnswer: {a}\\n\\n"`` per example and ends the prompt with
 ``"Answer: "``. The models here are trained on ``PROMPT_TEMPLATE`` (``"Question: {q}\\nAnswer:"``) with the answer
 after one space, and a byte-level tokenizer encodes a trailing space on its own, so the prompt ends at
@@ -48,7 +62,7 @@ from ..objectives import CausalLMObjective, Objective
 from .attacks import min_k_score
 from .auc import BOOTSTRAP_RESAMPLES, auc, auc_interval, interval_entry, warn_few_rows
 from .base import Evaluator, SuiteData, check_at_least_one, check_fraction, register_evaluator
-from .generation import greedy_generate, rouge_f1, rouge_recall
+from .generation import count_longer, greedy_generate, model_context, prompt_budget, rouge_f1, rouge_recall
 from .result import EvaluationResult
 from .scoring import text_batches, token_stats
 
@@ -119,7 +133,8 @@ class MUSEEvaluator(Evaluator):
         max_new_tokens_verbmem / max_new_tokens_knowmem: generation lengths (MUSE: 128 and 32).
         k: the Min-K% fraction of PrivLeak (MUSE: 0.4).
         batch_size: examples per forward pass / ``generate`` call.
-        max_length: token limit of a PrivLeak text (longer ones are truncated on the right).
+        max_length: token limit of a PrivLeak text (longer ones are truncated on the right; never more than the
+            model's ``max_position_embeddings``).
         name: prefix of the metric names.
         bootstrap_resamples / bootstrap_seed: the confidence interval of the PrivLeak AUC (`auc.auc_interval`).
         objective: scores the PrivLeak texts; default `CausalLMObjective`.
@@ -172,7 +187,7 @@ class MUSEEvaluator(Evaluator):
         reference.check_same_rows(rows or self.rows(), names, "PrivLeak")
 
     def verbmem(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[float]:
-        """Per-prompt ROUGE-L F1 of the greedy continuation against ``gt``."""
+        """Per-prompt ROUGE-L F1 of the greedy continuation against ``gt`` (prompts cut to fit, see the module doc)."""
         rows = self.data.verbmem_forget
         continuations = greedy_generate(
             model,
@@ -181,31 +196,64 @@ class MUSEEvaluator(Evaluator):
             max_new_tokens=self.max_new_tokens_verbmem,
             batch_size=self.batch_size,
             desc="MUSE verbmem",
+            max_prompt_tokens=prompt_budget(model, self.max_new_tokens_verbmem, "max_new_tokens_verbmem"),
         )
         return [rouge_f1(c, gt) for c, gt in zip(continuations, rows["gt"], strict=True)]
 
-    def knowmem(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, side: str) -> list[float]:
-        """Per-question ROUGE-L recall of the few-shot answer, on ``side`` = ``"forget"`` or ``"retain"``."""
+    def knowmem_prompts(self, side: str) -> list[str]:
+        """The few-shot prompt of every KnowMem question on ``side`` = ``"forget"`` or ``"retain"``."""
         qa = getattr(self.data, f"knowmem_{side}_qa")
         icl = getattr(self.data, f"knowmem_{side}_qa_icl")
         icl_questions = list(icl["question"]) if len(icl) else []
         icl_answers = list(icl["answer"]) if len(icl) else []
-        prompts = [few_shot_prompt(q, icl_questions, icl_answers) for q in qa["question"]]
+        return [few_shot_prompt(q, icl_questions, icl_answers) for q in qa["question"]]
+
+    def knowmem(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, side: str) -> list[float]:
+        """Per-question ROUGE-L recall of the few-shot answer, on ``side`` = ``"forget"`` or ``"retain"`` (prompts
+        cut to fit, see the module doc)."""
         generations = greedy_generate(
             model,
             tokenizer,
-            prompts,
+            self.knowmem_prompts(side),
             max_new_tokens=self.max_new_tokens_knowmem,
             batch_size=self.batch_size,
             desc=f"MUSE knowmem {side}",
+            max_prompt_tokens=prompt_budget(model, self.max_new_tokens_knowmem, "max_new_tokens_knowmem"),
         )
-        return [rouge_recall(cut_answer(g), a) for g, a in zip(generations, qa["answer"], strict=True)]
+        answers = getattr(self.data, f"knowmem_{side}_qa")["answer"]
+        return [rouge_recall(cut_answer(g), a) for g, a in zip(generations, answers, strict=True)]
+
+    def text_length(self, model: nn.Module) -> int:
+        """Token limit of a PrivLeak text on `model`: `max_length`, never more than the model's positions."""
+        context = model_context(model)
+        return self.max_length if context is None else min(self.max_length, context)
 
     def min_k_scores(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[float]:
-        """Min-K% Prob of each text (every token after the first scored)."""
-        batches = text_batches(tokenizer, list(texts), self.batch_size, self.max_length)
+        """Min-K% Prob of each text (every token after the first scored; cut to `text_length`)."""
+        batches = text_batches(tokenizer, list(texts), self.batch_size, self.text_length(model))
         stats = token_stats(model, batches, desc="MUSE privleak", objective=self.objective)
         return [min_k_score(s, self.k) for s in stats]
+
+    def truncation(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """What is cut to fit `model` (tokenization only, no forward pass): its context (None: no declared limit),
+        per generation part the prompt budget and how many prompts exceed it, and the PrivLeak text limit with how
+        many texts exceed it. Raises ValueError, naming the option, when a generation length alone fills the
+        context (`generation.prompt_budget`)."""
+        verbmem_budget = prompt_budget(model, self.max_new_tokens_verbmem, "max_new_tokens_verbmem")
+        knowmem_budget = prompt_budget(model, self.max_new_tokens_knowmem, "max_new_tokens_knowmem")
+        parts = {
+            "verbmem_forget": (list(self.data.verbmem_forget["prompt"]), verbmem_budget),
+            "knowmem_forget": (self.knowmem_prompts("forget"), knowmem_budget),
+            "knowmem_retain": (self.knowmem_prompts("retain"), knowmem_budget),
+        }
+        record: dict[str, Any] = {"context": model_context(model)}
+        for part, (prompts, budget) in parts.items():
+            cut = count_longer(tokenizer, prompts, budget)
+            record[part] = {"max_prompt_tokens": budget, "prompts_cut": cut, "prompts": len(prompts)}
+        texts = list(self.data.privleak_forget["text"]) + list(self.data.privleak_holdout["text"])
+        length = self.text_length(model)
+        record["privleak"] = {"max_length": length, "texts_cut": count_longer(tokenizer, texts, length)}
+        return record
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
@@ -216,7 +264,9 @@ class MUSEEvaluator(Evaluator):
         self.check_reference(reference, rows)  # before the expensive passes
         forget, holdout = self.data.privleak_forget, self.data.privleak_holdout
         warn_few_rows({"privleak forget": len(forget), "privleak holdout": len(holdout)}, "MUSE PrivLeak")
-        result = EvaluationResult(meta={f"{name}/corpus": self.data.corpus, f"{name}/min_k": self.k}, rows=rows)
+        truncation = self.truncation(model, tokenizer)  # raises before any compute when a prompt cannot fit
+        meta = {f"{name}/corpus": self.data.corpus, f"{name}/min_k": self.k, f"{name}/truncation": truncation}
+        result = EvaluationResult(meta=meta, rows=rows)
         logs = {
             "verbmem_forget_rouge_f1": self.verbmem(model, tokenizer),
             "knowmem_forget_rouge_recall": self.knowmem(model, tokenizer, "forget"),
