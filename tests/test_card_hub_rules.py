@@ -183,3 +183,22 @@ def test_a_merged_model_has_no_adapter_tag(tmp_path, tokenizer, tiny_llama, tofu
     card = card_of(trainer.args.output_dir)
     assert card.data.library_name == "transformers" and card.data.base_model == "erasus-tests/tiny-llama"
     assert not [t for t in card.data.tags if t.startswith("base_model:adapter:")]
+
+
+def test_image_and_tensor_rows_have_a_content_fingerprint():
+    """The card is written at every save now, so vision rows (tensors, PIL images) must fingerprint too: a tensor as
+    its values, an image by its mode, size and pixels; before, json.dumps raised TypeError on them."""
+    import torch
+    from PIL import Image
+
+    from erasus_hf.data.fingerprint import forget_fingerprint
+
+    pixels = torch.arange(6.0).reshape(2, 3)
+    assert forget_fingerprint([{"pixel_values": pixels, "labels": 1}]) == forget_fingerprint(
+        [{"pixel_values": pixels.tolist(), "labels": 1}]
+    )
+    black, white = Image.new("L", (4, 4), 0), Image.new("L", (4, 4), 255)
+    assert forget_fingerprint([{"image": black}]) == forget_fingerprint([{"image": Image.new("L", (4, 4), 0)}])
+    assert forget_fingerprint([{"image": black}]) != forget_fingerprint([{"image": white}])
+    with pytest.raises(TypeError, match="no canonical form"):
+        forget_fingerprint([{"value": object()}])

@@ -5,6 +5,10 @@ Canonical form of a row: ``json.dumps(row, sort_keys=True, ensure_ascii=False, s
 a newline, encoded as UTF-8. Key order inside a row does not matter; the set fingerprint is the SHA-256 (hex) of the
 rows' canonical lines in the given order. An evaluation also keeps one fingerprint per row, the first
 `ROW_DIGEST_CHARS` hex characters of the SHA-256 of its line, to say which row differs.
+
+Values that JSON has no form for (the pixel arrays and images of vision rows, audio arrays) enter as JSON too:
+a tensor or array as its nested list, an image as ``{"image": [mode, width, height], "sha256": <its pixel bytes>}``,
+bytes as ``{"sha256": ...}``; text and number rows are unaffected.
 """
 
 from __future__ import annotations
@@ -23,8 +27,21 @@ def canonical_line(row: Any, index: int, what: str = "forget set") -> bytes:
     """The canonical form of one row (see the module doc); raises TypeError naming the row when it is not a mapping."""
     if not isinstance(row, Mapping):
         raise TypeError(f"Row {index} of the {what} is a {type(row).__name__}, not a mapping of columns.")
-    line = json.dumps(dict(row), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    line = json.dumps(
+        dict(row), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_as_json
+    )
     return line.encode("utf-8") + b"\n"
+
+
+def _as_json(value: Any) -> Any:
+    """The JSON stand-in of a value `json.dumps` cannot write (see the module doc); a TypeError for any other."""
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
+        return value.tolist()
+    if hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):  # a PIL image
+        return {"image": [value.mode, *value.size], "sha256": hashlib.sha256(value.tobytes()).hexdigest()}
+    if isinstance(value, (bytes, bytearray)):
+        return {"sha256": hashlib.sha256(value).hexdigest()}
+    raise TypeError(f"A value of type {type(value).__name__} in a row has no canonical form to fingerprint.")
 
 
 def forget_fingerprint(rows: Iterable[Mapping[str, Any]]) -> str:
