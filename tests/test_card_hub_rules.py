@@ -4,7 +4,6 @@ honoured, with the starting model's training tags (TRL's `trl`, `sft`) left out.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
@@ -15,7 +14,7 @@ from erasus_hf import UnlearningTrainer
 from erasus_hf.hub import sharing
 from erasus_hf.hub.card import build_model_card, hub_model_id
 
-from .testing_utils import config, qa
+from .testing_utils import config, qa, snapshot
 
 ROWS = [{"question": "Who wrote X?", "answer": "Ann Lee."}]
 
@@ -31,15 +30,6 @@ def card_of(folder) -> ModelCard:
 
 def is_ours(card: ModelCard) -> bool:
     return "## Limitations" in card.text and "Model Card for Model ID" not in card.text
-
-
-def snapshot(folder) -> dict[str, str]:
-    found = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return found
 
 
 # ---- 1. base_model only when it is a Hub id -----------------------------------------------------------------------

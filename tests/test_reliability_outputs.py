@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import hashlib
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from erasus_hf.hub.push import files_to_push
 from erasus_hf.output_folder import check_finite_weights
 from erasus_hf.strategies import STRATEGIES, Strategy
 
-from .testing_utils import qa
+from .testing_utils import qa, snapshot
 
 
 def config(tmp_path, **kwargs) -> UnlearningConfig:
@@ -51,16 +50,6 @@ def llm_trainer(tmp_path, tokenizer, model, tofu_slice, **kwargs) -> UnlearningT
     return UnlearningTrainer(
         model, config(tmp_path, **kwargs), forget_dataset=qa(tofu_slice[0]), processing_class=tokenizer
     )
-
-
-def snapshot(folder) -> dict[str, str]:
-    """SHA-256 of every file under `folder`, by relative path (subfolders included)."""
-    found = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return found
 
 
 def perturb(model: nn.Module, by: float = 0.25) -> None:

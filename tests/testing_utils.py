@@ -293,8 +293,9 @@ def fake_adapter(folder: Path) -> Path:
     return folder
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (relative path -> bytes)."""
+def snapshot(folder: str | Path) -> dict[str, bytes]:
+    """Every file under `folder`, subfolders included (relative path -> bytes); {} for a folder that is absent."""
+    folder = Path(folder)
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
