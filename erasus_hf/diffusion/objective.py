@@ -223,10 +223,6 @@ class DiffusionObjective(Objective):
         losses = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
         return losses, prediction
 
-    def collator_for(self, processing_class: Any | None, max_length: int) -> Any:
-        """The collator this objective was built with."""
-        return self.collator
-
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         if hidden_layer is not None:
             raise ValueError("The diffusion objective has no hidden-state scores.")

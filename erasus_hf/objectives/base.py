@@ -60,7 +60,10 @@ class Objective:
     cacheable_reference: ClassVar[bool] = True
     # whether `Scores` holds per-token log-probs and the logits of each target token (CTC: a sequence likelihood only)
     supports_token_scores: ClassVar[bool] = True
-    token_scores_note: ClassVar[str] = "this objective has none"  # why not, in the error that refuses a strategy
+    token_scores_note: ClassVar[str] = "this objective has none"
+    # the side collator the objective was built with (CTC's audio, CLIP's pairs, ...), what `collator_for` gives;
+    # None for families whose rows are already numeric or whose collator needs the trainer's tokenizer
+    collator: Any = None  # why not, in the error that refuses a strategy
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -78,8 +81,9 @@ class Objective:
     def collator_for(self, processing_class: Any | None, max_length: int) -> Any | None:
         """The side collator for this family's rows when the trainer is given none (the trainer's `processing_class`
         and `max_length` at hand); None means rows that are already numeric and stack as they are. A collator that
-        subclasses `erasus_hf.data.collator.SideCollator` and tokenizes has its rows tokenized once up front."""
-        return None
+        subclasses `erasus_hf.data.collator.SideCollator` and tokenizes has its rows tokenized once up front.
+        Default: the collator the objective was built with (`collator`)."""
+        return self.collator
 
     def prepare_peft(self, model: nn.Module, args: Any, peft_config: Any = None) -> tuple[nn.Module, str | None, bool]:
         """Add the trainer's adapter (`peft_config`, or LoRA from `args` with `use_peft`); return (model, trainable

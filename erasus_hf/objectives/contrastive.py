@@ -222,10 +222,6 @@ class ContrastiveObjective(Objective):
             ids, mask = torch.cat([ids, extra_ids]), torch.cat([mask, extra_mask])
         return ids, mask, index
 
-    def collator_for(self, processing_class: Any | None, max_length: int) -> Any:
-        """The collator this objective was built with."""
-        return self.collator
-
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         if hidden_layer is not None:
             raise ValueError(

@@ -69,10 +69,6 @@ class CTCObjective(Objective):
         if base.config.pad_token_id is None:
             raise ValueError(f"{got} has no config.pad_token_id: CTC needs it as the blank token.")
 
-    def collator_for(self, processing_class: Any | None, max_length: int) -> Any:
-        """The collator this objective was built with."""
-        return self.collator
-
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         missing = [k for k in ("input_values", "labels") if k not in batch]
         if missing:

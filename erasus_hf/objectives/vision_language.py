@@ -121,10 +121,6 @@ class VisionLanguageObjective(Objective):
                 f"class of transformers' image-text-to-text mapping), got {type(base).__name__}.{hint}"
             )
 
-    def collator_for(self, processing_class: Any | None, max_length: int) -> Any:
-        """The collator this objective was built with."""
-        return self.collator
-
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         if "input_ids" not in batch or "labels" not in batch:
             raise ValueError(
