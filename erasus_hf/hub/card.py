@@ -23,7 +23,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,7 @@ def build_model_card(
     model_name: str | None,
     certification: str | None = None,
     tags: Sequence[str] = (),
+    forget_rows_fingerprint: str | None = None,
 ) -> ModelCard:
     """The README.md of an unlearned model, rendered from `erasus_hf/model_cards/unlearning_card.md`.
 
@@ -117,14 +118,16 @@ def build_model_card(
     written); `evaluation`: one `EvalResult` per summary number goes into `model-index`; `reference_note`: what
     the evaluation was compared against (defaults to the result's `meta["reference"]`); `certification`: a formal
     guarantee, if one exists, quoted in the Limitations section; `tags`: the caller's, after erasus-hf's and the
-    strategy's. `base_model`: the starting model's name or path; only a Hub id (`hub_model_id`) becomes the
-    metadata's `base_model` and a link, a local model is named by its folder's name, without a link.
+    strategy's. `forget_rows_fingerprint`: `forget_fingerprint(forget_rows)` when the caller has it already (a
+    trainer writes a card at every save of one run). `base_model`: the starting model's name or path; only a Hub id
+    (`hub_model_id`) becomes the metadata's `base_model` and a link, a local model is named by its folder's name,
+    without a link.
 
     No secret reaches the card: the whole rendered text goes through `erasus_hf.redaction.redact` (a `--hub_token`
     or `HF_TOKEN=` in `command`, a token-shaped string in any field).
     """
-    rows = list(forget_rows)
-    fingerprint = forget_fingerprint(rows)
+    rows = forget_rows if isinstance(forget_rows, Sized) else list(forget_rows)
+    fingerprint = forget_rows_fingerprint or forget_fingerprint(rows)
     hub_base = hub_model_id(base_model)
     local_base = os.path.basename(os.path.normpath(base_model)) if base_model and not hub_base else None
     title = model_name or _default_model_name(strategy_name, hub_base or local_base)

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils.hub import PushInProgress
 
+from ..data.fingerprint import forget_fingerprint
 from ..evaluation.result import EvaluationResult
 from ..peft_utils import is_peft_model
 from .card import BASE_TAGS, build_model_card, training_arguments, write_model_card
@@ -101,6 +102,7 @@ class HubMixin:
             hyperparameters=self.strategy.hyperparameters,
             training_args={**training_arguments(self.args), "reference_mode": self.reference_mode},
             forget_rows=self.forget_rows,
+            forget_rows_fingerprint=self._forget_fingerprint,
             retain_count=len(self.retain_rows) if self.retain_rows is not None else None,
             base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
             is_adapter=is_peft_model(model) and not self.args.merge_adapter,
@@ -109,6 +111,11 @@ class HubMixin:
         )
         # PEFT copies the starting model's `model_tags` (TRL's `trl`, `sft`, ...) into its README: not ours
         write_model_card(card, folder, foreign_tags=[t for t in starting_tags if t not in ours])
+
+    @functools.cached_property
+    def _forget_fingerprint(self) -> str:
+        """The forget rows' fingerprint, computed once per run: every save writes the card again, the rows stay."""
+        return forget_fingerprint(self.forget_rows)
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Create the model repo `args.hub_model_id` (default: the output folder's name) as `Trainer.init_hf_repo`
