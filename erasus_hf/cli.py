@@ -15,8 +15,9 @@ from .redaction import redact, redact_argv, redact_exception, redacted_log_recor
 
 COMMANDS = {
     "demo": "Offline demo: learn real TOFU authors from scratch, then unlearn two with NPO + LoRA.",
-    "unlearn": "Run an unlearning recipe (YAML + flags): train, save the weights, evaluate with TOFU.",
-    "evaluate": "Evaluate a model or adapter (TOFU, MUSE, MIA, memorization) and write the evaluation JSON.",
+    "unlearn": "Run an unlearning recipe (YAML + flags) on TOFU, MUSE or any rows: train, save the weights, evaluate.",
+    "evaluate": "Evaluate a model or adapter (TOFU, MUSE, MIA, memorization, any rows); write the evaluation JSON.",
+    "verify": "Test an unlearned model's forget rows against a holdout and a retrained model (p-values, levels).",
     "push": "Upload an output folder (safetensors weights, card, evaluation JSON) to the Hugging Face Hub.",
 }
 # the model family of the commands that train one, known before any model is loaded: `--strategy` may name only
@@ -63,12 +64,21 @@ def _run(argv: list[str]) -> int:
         run_demo(args)
     elif command == "unlearn":
         from .config import UnlearningConfig
+        from .data.loading import DataSourceError
+        from .scripts.data_options import OPTION_GROUPS
+        from .scripts.parsing import UsageError
         from .scripts.strategy_help import add_strategy_help
         from .scripts.unlearn import UnlearnArguments, run_unlearn
 
-        parser = make_parser((UnlearnArguments, UnlearningConfig), "erasus-hf unlearn", COMMANDS["unlearn"])
+        parser = make_parser(
+            (UnlearnArguments, UnlearningConfig), "erasus-hf unlearn", COMMANDS["unlearn"], OPTION_GROUPS
+        )
         add_strategy_help(parser)  # `--help-strategy NAME`: a strategy's hyperparameters
-        run_unlearn(*parse(parser, rest, CAUSAL_LM), command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
+        arguments = parse(parser, rest, CAUSAL_LM)
+        try:
+            run_unlearn(*arguments, command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
+        except (UsageError, DataSourceError) as err:  # bad data or options, found before any compute: one line
+            parser.error(str(err))
     elif command == "push":
         from .scripts.push import HubUnreachableError, PushArguments, positional_output_dir, run_push
 
@@ -78,11 +88,24 @@ def _run(argv: list[str]) -> int:
         except HubUnreachableError as err:  # one line, not the HTTP client's traceback
             print(redact(f"erasus-hf push: {err}"), file=sys.stderr)
             return 1
-    else:
-        from .scripts.evaluate import EvaluateArguments, run_evaluate
+    elif command == "verify":
+        from .scripts.verify import main as verify_main
 
-        (args,) = parse(make_parser((EvaluateArguments,), "erasus-hf evaluate", COMMANDS["evaluate"]), rest)
-        run_evaluate(args)
+        return verify_main(rest)
+    else:
+        from .data.loading import DataSourceError
+        from .scripts.data_options import OPTION_GROUPS, FormatArguments
+        from .scripts.evaluate import EvaluateArguments, run_evaluate
+        from .scripts.parsing import UsageError
+
+        parser = make_parser(
+            (EvaluateArguments, FormatArguments), "erasus-hf evaluate", COMMANDS["evaluate"], OPTION_GROUPS
+        )
+        args, formats = parse(parser, rest)
+        try:
+            run_evaluate(args, formats)
+        except (UsageError, DataSourceError) as err:
+            parser.error(str(err))
     return 0
 
 

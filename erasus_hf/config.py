@@ -12,6 +12,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .data.formats import TextFormat
+from .data.formatting import PROMPT_TEMPLATE
 from .redaction import redact, redact_json, register_secret
 
 RETAIN_LOSSES = ("nll", "kl", "none")
@@ -100,7 +102,62 @@ class UnlearningConfig(TrainingArguments):
     merge_adapter: bool = field(
         default=False, metadata={"help": "save_model writes the merged model instead of the adapter alone."}
     )
-    max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + answer (truncated right)."})
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Maximum tokens of an example (prompt + answer, truncated right; a text row's window)."},
+    )
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "The column of raw-text rows (language modelling on every token), as TRL's."}
+    )
+    dataset_columns: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Your columns for the fields of a format, as a dict or a JSON string: e.g. "
+            '\'{"question": "query", "answer": "response"}\' (fields: question, answer, prompt, completion, messages).'
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A chat template for the tokenizer, as TRL's: a .jinja/.j2 file, or a tokenizer folder or Hub id "
+            "whose template is copied (no token is added)."
+        },
+    )
+    use_chat_template: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Render question/answer rows with the tokenizer's chat template (question as the user turn); "
+            "default: when the tokenizer has one. False: `prompt_template`."
+        },
+    )
+    prompt_template: str = field(
+        default=PROMPT_TEMPLATE,
+        metadata={"help": "The prompt of question/answer rows without a chat template; holds '{question}'."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "A system turn before the question of chat-rendered question/answer rows."}
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "prompt/completion rows: score only the completion (default, None = True, as TRL); False scores "
+            "the prompt too."
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "messages rows: score only the assistant turns (the chat template's generation blocks, as TRL's). "
+            "Default True (TRL's is False): what is unlearned is what the model said. False scores every token."
+        },
+    )
+    window_stride: int | None = field(
+        default=None,
+        metadata={
+            "help": "Text rows: tokens between the starts of consecutive max_length windows; default the window's "
+            "length (no overlap). Overlapped tokens are scored once."
+        },
+    )
     pairing_seed: int | None = field(
         default=None, metadata={"help": "Seed of the retain-partner draw (defaults to `seed`)."}
     )
@@ -131,6 +188,8 @@ class UnlearningConfig(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.strategy_kwargs = _json_dict(self.strategy_kwargs, "strategy_kwargs")
+        self.dataset_columns = _json_dict(self.dataset_columns, "dataset_columns")
+        self.text_format()  # the formatting options are checked now
         self._check_model_init_kwargs()
         if self.retain_loss not in RETAIN_LOSSES:
             raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}, got {self.retain_loss!r}")
@@ -150,6 +209,19 @@ class UnlearningConfig(TrainingArguments):
         if self.pairing_seed is None:
             self.pairing_seed = self.seed
         register_secret(self.hub_token)
+
+    def text_format(self) -> TextFormat:
+        """How this run's causal-LM rows become tokens (`erasus_hf.data.formats.TextFormat`)."""
+        return TextFormat(
+            columns=self.dataset_columns,
+            text_field=self.dataset_text_field,
+            prompt_template=self.prompt_template,
+            use_chat_template=self.use_chat_template,
+            system_prompt=self.system_prompt,
+            completion_only_loss=self.completion_only_loss,
+            assistant_only_loss=self.assistant_only_loss,
+            window_stride=self.window_stride,
+        )
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> UnlearningConfig:

@@ -119,6 +119,18 @@ def refuse_init_kwargs_for_instance(model: object, model_init_kwargs: dict[str, 
         )
 
 
+def load_tokenizer(name_or_path: str, model_init_kwargs: dict[str, Any] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model at `name_or_path` (checked first, `check_model_source`: an adapter folder without
+    one gives its base's), with the `trust_remote_code` and `revision` of `model_init_kwargs`, as TRL loads it. Loading
+    it alone lets a command check the rows against it before the weights load. A folder of tokenizer files alone
+    (no model) loads as it is."""
+    has_tokenizer = os.path.isdir(name_or_path) and any(n in TOKENIZER_FILES for n in os.listdir(name_or_path))
+    source = name_or_path if has_tokenizer else check_model_source(name_or_path)
+    kwargs = model_init_kwargs or {}
+    shared = {key: kwargs[key] for key in ("trust_remote_code", "revision") if key in kwargs}
+    return AutoTokenizer.from_pretrained(source, **shared)
+
+
 def load_causal_lm(
     name_or_path: str,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -128,8 +140,7 @@ def load_causal_lm(
     `model_init_kwargs` (`from_pretrained_kwargs`); the tokenizer from the same place unless one is given, with the
     same `trust_remote_code` and `revision`, as TRL loads it."""
     kwargs = from_pretrained_kwargs(model_init_kwargs)
-    tokenizer_source = check_model_source(name_or_path, needs_tokenizer=tokenizer is None)
+    check_model_source(name_or_path, needs_tokenizer=tokenizer is None)
     if tokenizer is None:
-        shared = {key: kwargs[key] for key in ("trust_remote_code", "revision") if key in kwargs}
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **shared)
+        tokenizer = load_tokenizer(name_or_path, model_init_kwargs)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs), tokenizer

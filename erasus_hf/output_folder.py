@@ -123,16 +123,31 @@ def save_plan(
     return run_files(target), []
 
 
-def write_run_record(folder: str, processing_class: Any | None, config_json: str, strategy: Mapping[str, Any]) -> None:
+TEXT_FORMAT_RECORD = "text_format.json"
+
+
+def write_run_record(
+    folder: str,
+    processing_class: Any | None,
+    config_json: str,
+    strategy: Mapping[str, Any],
+    text_format: Mapping[str, Any] | None = None,
+) -> None:
     """What a run's folder holds beside its weights: the tokenizer (or processor) when there is one, the run's
-    arguments as `unlearning_config.json` and the strategy (name, paper, hyperparameters) as `strategy.json`, each
-    with every known secret redacted."""
+    arguments as `unlearning_config.json`, the strategy (name, paper, hyperparameters) as `strategy.json` and, for
+    a run on text rows, how they were rendered as `text_format.json` (`text_format`: `TextFormat.describe` with the
+    row formats under ``rows``; written as ``{"row_formats": ..., "text_format": ...}``), each with every known
+    secret redacted."""
     if processing_class is not None:
         processing_class.save_pretrained(folder)
     with open(os.path.join(folder, "unlearning_config.json"), "w") as f:
         f.write(redact(config_json))
     with open(os.path.join(folder, "strategy.json"), "w") as f:
         json.dump(redact_json(dict(strategy)), f)
+    if text_format is not None:
+        record = {"row_formats": dict(text_format.get("rows") or {}), "text_format": dict(text_format)}
+        with open(os.path.join(folder, TEXT_FORMAT_RECORD), "w") as f:
+            json.dump(redact_json(record), f)
 
 
 def non_finite_tensors(folder: str) -> list[str]:

@@ -25,8 +25,16 @@ from transformers.trainer_utils import TrainOutput
 
 from .config import UnlearningConfig, as_unlearning_config
 from .data.collator import NestedCollator, QACollator, default_side_collator
+from .data.formats import chat_template_of
 from .data.pairing import ForgetRetainDataset, PairingEpochCallback
-from .data.prepare import embedding_rows, eval_pairs, prepare_side, warn_overlap, warn_past_positions, with_alternates
+from .data.prepare import (
+    embedding_rows,
+    eval_pairs,
+    prepare_side,
+    warn_overlap,
+    warn_past_positions,
+    with_alternates,
+)
 from .data.validation import eval_sides, to_dataset
 from .divergence import DivergenceCallback
 from .evaluation.result import EvaluationResult
@@ -35,6 +43,7 @@ from .hub.sharing import HubMixin
 from .model_source import load_causal_lm, refuse_init_kwargs_for_instance
 from .objectives import Objective, get_objective
 from .output_folder import StagedSave, check_finite_weights, check_output_dir, save_plan, write_run_record
+from .privacy.report import DPReport
 from .reference import Reference, build_reference, check_reference_model, frozen_copy, resolve_reference_mode
 from .resume import checkpoint_to_resume, load_resume_state, save_resume_state
 from .strategies import Strategy, StrategyContext, get_strategy
@@ -104,6 +113,9 @@ class UnlearningTrainer(HubMixin, Trainer):
         forget_dataset = to_dataset(forget_dataset, "forget") if forget_dataset is not None else None
         retain_dataset = to_dataset(retain_dataset, "retain") if retain_dataset is not None else None
         eval_dataset = eval_sides(eval_dataset)  # {"forget": ..., "retain": ...} or None
+        source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+        # a starting model trained with DP-SGD (`erasus_hf.privacy`): its guarantee goes on this run's card
+        self.starting_privacy = DPReport.load(source) if source and os.path.isdir(source) else None
         if isinstance(model, (str, os.PathLike)):
             model, processing_class = load_causal_lm(os.fspath(model), processing_class, args.model_init_kwargs)
         else:
@@ -126,9 +138,9 @@ class UnlearningTrainer(HubMixin, Trainer):
             warnings.warn(f"Strategy {self.strategy.name!r} does not use the retain set; it is ignored.", stacklevel=2)
             retain_dataset = None
         self.objective.prepare_processing_class(processing_class)  # a causal LM: its tokenizer, with a pad token
-        side_collator = (
-            data_collator or self.objective.collator_for(processing_class, args.max_length) or default_side_collator
-        )
+        if args.chat_template_path is not None:  # as TRL's: the saved tokenizer keeps the template it ran with
+            processing_class.chat_template = chat_template_of(args.chat_template_path)
+        side_collator = data_collator or self.objective.collator_for(processing_class, args) or default_side_collator
 
         starting_model = model
         set_seed(args.seed)  # the adapter's initialisation follows the run's seed, whatever ran before
@@ -155,8 +167,13 @@ class UnlearningTrainer(HubMixin, Trainer):
         self.forget_rows = with_alternates(forget_dataset, self.strategy.alternate_answers, args.seed)
         self.retain_rows = retain_dataset  # already a Dataset (to_dataset above)
         vocab_size = embedding_rows(starting_model) if isinstance(side_collator, QACollator) else None
-        forget = prepare_side(self.forget_rows, side_collator, "forget", vocab_size)
-        retain = None if retain_dataset is None else prepare_side(retain_dataset, side_collator, "retain", vocab_size)
+        forget, forget_format = prepare_side(self.forget_rows, side_collator, "forget", vocab_size)
+        retain, retain_format = (None, None)
+        if retain_dataset is not None:
+            retain, retain_format = prepare_side(retain_dataset, side_collator, "retain", vocab_size)
+        # e.g. {"forget": "text", "retain": "qa"}: recorded in the card and the evaluation's meta
+        self.row_formats = {k: v for k, v in (("forget", forget_format), ("retain", retain_format)) if v is not None}
+        self.text_format = side_collator.text_format if isinstance(side_collator, QACollator) else None
         warn_overlap(forget, retain)
         for side, what in ((forget, "forget"), (retain, "retain")):
             warn_past_positions(starting_model, side, what, args.max_length)
@@ -337,6 +354,8 @@ class UnlearningTrainer(HubMixin, Trainer):
                 self.processing_class,
                 **self.evaluation_data,
                 reference=self.evaluation_reference,
+                text_format=self.text_format,  # scored and prompted as trained (None: not a causal LM's collator)
+                row_formats=self.row_formats,
             )
             self.last_evaluation.meta["global_step"] = self.state.global_step
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.last_evaluation.summary.items()})
@@ -375,6 +394,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         with staged as staging:
             self.objective.save_weights(model, staging, self._adapter_name, self.args.merge_adapter, state_dict)
             strategy = {"name": self.strategy.name, "paper": self.strategy.paper, **self.strategy.hyperparameters}
-            write_run_record(staging, self.processing_class, self.args.to_json_string(), strategy)
+            record = self.text_format_record()  # how the rows were rendered, as the card says
+            write_run_record(staging, self.processing_class, self.args.to_json_string(), strategy, record)
             self.write_card(staging)  # the model card, in every save and checkpoint, as TRL writes its own
         self._saved_files[target] = set(staged.written)

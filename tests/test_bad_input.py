@@ -115,7 +115,7 @@ def test_tokenizer_without_pad_token_uses_eos(tmp_path, tokenizer, tiny_llama, t
 
 
 def test_examples_without_answer_tokens(tmp_path, tokenizer, tiny_llama, tofu_slice):
-    with pytest.raises(ValueError, match="no answer token left"):
+    with pytest.raises(ValueError, match="no scored token left"):
         UnlearningTrainer(
             tiny_llama,
             config(tmp_path, strategy="ga", max_length=6),

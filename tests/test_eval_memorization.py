@@ -81,7 +81,7 @@ def test_memorization_on_text_rows_and_bad_input(tiny_llama, tokenizer):
     assert len(result.per_example["mem/web_exact_memorization"]) == 2
     with pytest.raises(ValueError, match="at least one split"):
         MemorizationEvaluator({})
-    with pytest.raises(ValueError, match=r"Split 'bad' needs .* it has \['question'\]"):
+    with pytest.raises(ValueError, match=r"Split 'bad' rows .* with 'question' but without 'answer'"):
         MemorizationEvaluator({"bad": Dataset.from_dict({"question": ["q"]})})
     with pytest.raises(ValueError, match="Split 'none' is empty"):
         MemorizationEvaluator({"none": texts.select([])})

@@ -252,7 +252,9 @@ def test_mia_evaluator_rejects_bad_input(tofu_slice, tiny_llama):
         MIAEvaluator(forget, retain, attacks=("loss", "reference"))
     assert "reference" not in MIAEvaluator(forget, retain).attacks  # by default only with a reference model
     assert MIAEvaluator(forget, retain, ref_model=tiny_llama).attacks[-1] == "reference"
-    with pytest.raises(ValueError, match=r"'text' column; it has \['prompt', 'completion'\]"):
-        MIAEvaluator(forget, Dataset.from_dict({"prompt": ["q"], "completion": ["a"]}), attacks=("loss",))
+    # any training format is scored as trained (prompt/completion here); a row of no format is refused
+    MIAEvaluator(forget, Dataset.from_dict({"prompt": ["q"], "completion": ["a"]}), attacks=("loss",))
+    with pytest.raises(ValueError, match=r"fit no format: they have columns \['title'\]"):
+        MIAEvaluator(forget, Dataset.from_dict({"title": ["q"]}), attacks=("loss",))
     with pytest.raises(ValueError, match="members dataset is empty"):
         MIAEvaluator(forget.select([]), retain, attacks=("loss",))

@@ -94,7 +94,7 @@ def test_rows_with_other_columns(tmp_path, tokenizer, tiny_llama, rows):
 
 def test_missing_text_column_names_the_columns_and_the_fix(tmp_path, tokenizer, tiny_llama):
     forget = Dataset.from_dict({"question": ["q1", "q2"], "text": ["a1", "a2"]})
-    with pytest.raises(ValueError, match=r"has columns \['question', 'text'\], without \['answer'\].*rename_column"):
+    with pytest.raises(ValueError, match=r"with 'question' but without 'answer'.*rename_column"):
         build(tmp_path, tokenizer, tiny_llama, strategy="ga", forget=forget)
 
 

@@ -1,15 +1,16 @@
-"""Tokenize question/answer examples with the prompt masked, pad them, and nest forget/retain batches."""
+"""Tokenize causal-LM rows of any format (`formats.TextFormat`) with what is not scored masked, pad them, and nest
+forget/retain batches."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .formatting import PROMPT_TEMPLATE, format_completion, format_prompt
+from .formats import TextFormat
 
 PASSTHROUGH_KEYS = ("index", "slot")  # the pairing dataset's bookkeeping, carried through every side collator
 NOT_MODEL_INPUTS = ("labels", "alternate", *PASSTHROUGH_KEYS)  # targets and bookkeeping: never passed to a model
@@ -25,19 +26,28 @@ def with_passthrough(examples: Sequence[dict[str, Any]], batch: dict[str, torch.
 
 @dataclass(eq=False)
 class SideCollator:
-    """A side collator whose question/answer rows are tokenized once, ahead of training: `tokenize(row)` gives the
-    row's `input_ids` and `labels` (-100 where nothing is scored), `__call__` pads tokenized rows into a batch. The
-    trainer maps `tokenize` over the forget and retain rows up front and refuses rows with no scored token left
-    within `max_length`; any other callable collates the rows as they are given. Subclasses check the tokenizer in
+    """A side collator whose text rows are tokenized once, ahead of training: `tokenize(row)` gives the row's
+    `input_ids` and `labels` (-100 where nothing is scored), `tokenize_rows(columns)` a batch of rows' examples (one
+    row may give several, as a long text gives windows), `__call__` pads tokenized rows into a batch. The trainer maps
+    `tokenize_rows` over the forget and retain rows up front and refuses rows with no scored token left within
+    `max_length`; any other callable collates the rows as they are given. Subclasses check the tokenizer in
     `__post_init__`."""
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 512
-    question_key: str = "question"
-    answer_key: str = "answer"
 
     def tokenize(self, example: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def examples(self, example: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every tokenized example one row gives (one by default)."""
+        return [self.tokenize(example)]
+
+    def tokenize_rows(self, columns: dict[str, list]) -> dict[str, list]:
+        """`datasets.map(batched=True)`: a batch of rows (as columns) -> their tokenized examples (as columns)."""
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        examples = [e for row in rows for e in self.examples(row)]
+        return {key: [e[key] for e in examples] for key in examples[0]} if examples else {}
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -45,41 +55,51 @@ class SideCollator:
 
 @dataclass(eq=False)
 class QACollator(SideCollator):
-    """Collator for causal-LM question/answer data.
+    """Collator for causal-LM rows of every format of `formats.TextFormat` (question/answer, prompt/completion,
+    chat messages, raw text, pre-tokenized).
 
-    Raw examples (`question`, `answer`) become ``ids(prompt) + ids(" " + answer) + [eos]`` with the prompt's labels
-    set to -100, truncated on the right to `max_length`. Pre-tokenized examples (`input_ids`, optional `labels`,
-    optional `attention_mask`) are padded as they are. Padding follows `tokenizer.padding_side`; `position_ids` count
-    only real tokens, so left and right padding give the same scores.
+    A question/answer row becomes ``ids(prompt) + ids(" " + answer) + [eos]`` with the prompt's labels set to -100
+    (or its chat-template rendering), truncated on the right to `max_length`; see `TextFormat` for the other formats.
+    Padding follows `tokenizer.padding_side`; `position_ids` count only real tokens, so left and right padding give
+    the same scores. Called on raw rows, a text row gives its first window only; the trainer tokenizes every window
+    up front (`tokenize_rows`).
     """
 
-    prompt_template: str = PROMPT_TEMPLATE
+    text_format: TextFormat = field(default_factory=TextFormat)
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set one (ensure_pad_token does it from EOS).")
 
+    @property
+    def question_key(self) -> str:
+        return self.text_format.column("question")
+
+    @property
+    def answer_key(self) -> str:
+        return self.text_format.column("answer")
+
+    @property
+    def prompt_template(self) -> str:
+        return self.text_format.prompt_template
+
     def tokenize(self, example: dict[str, Any]) -> dict[str, Any]:
-        """One QA example -> `input_ids` and `labels` (prompt masked with -100); an `alternate` answer (DPO-style
+        """One row -> `input_ids` and `labels` (its first window, for a long text); an `alternate` answer (DPO-style
         strategies) becomes a nested `alternate` with its own ids and labels."""
-        if example.get("alternate") is not None and not isinstance(example["alternate"], dict):
-            alternate = self.tokenize(
-                {self.question_key: example[self.question_key], self.answer_key: example["alternate"]}
-            )
-            return {**self.tokenize({k: v for k, v in example.items() if k != "alternate"}), "alternate": alternate}
-        if "input_ids" in example:
-            return {
-                "input_ids": list(example["input_ids"]),
-                "labels": list(example.get("labels") or example["input_ids"]),
-            }
-        prompt = format_prompt(example[self.question_key], self.prompt_template)
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
-        answer_ids = self.tokenizer(format_completion(example[self.answer_key]), add_special_tokens=False)["input_ids"]
-        if self.tokenizer.eos_token_id is not None:
-            answer_ids = answer_ids + [self.tokenizer.eos_token_id]
-        input_ids = (prompt_ids + answer_ids)[: self.max_length]
-        labels = ([-100] * len(prompt_ids) + answer_ids)[: self.max_length]
-        return {"input_ids": input_ids, "labels": labels}
+        return self.examples(example)[0]
+
+    def examples(self, example: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row -> every example it gives (the windows of a long text), each with its `alternate` if any."""
+        alternate = example.get("alternate")
+        if alternate is not None and not isinstance(alternate, dict):
+            row = {k: v for k, v in example.items() if k != "alternate"}
+            row_format = self.text_format.detect(row)
+            answer = self.text_format.column("answer" if row_format == "qa" else "completion")
+            if row_format == "conversational":
+                alternate = [{"role": "assistant", "content": alternate}]
+            (paired,) = self.text_format.encode(self.tokenizer, {**row, answer: alternate}, self.max_length)
+            return [{**e, "alternate": paired} for e in self.text_format.encode(self.tokenizer, row, self.max_length)]
+        return self.text_format.encode(self.tokenizer, example, self.max_length)
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tokenized = [self.tokenize(e) for e in examples]

@@ -11,10 +11,13 @@ knowmem    ``forget_qa``, ``retain_qa``              ``question``, ``answer``
 knowmem    ``forget_qa_icl``, ``retain_qa_icl``      ``question``, ``answer``
 privleak   ``forget``, ``holdout``                   ``text``
 privleak   ``retain`` (optional)                     ``text``
+raw        ``forget`` (optional)                     ``text``
 =========  ========================================  ==========================
 
 ``privleak/retain`` is what MUSE's privacy evaluation scores beside forget and holdout; PrivLeak itself compares
 forget with holdout only, so the split is loaded when present (``MUSEDataset.privleak_retain``, else None).
+``raw/forget`` is the forget corpus itself (the articles or book chapters MUSE unlearns on, whole); the evaluator
+reports its perplexity (``muse/forget_ppl``) when it is present (``MUSEDataset.raw_forget``, else None).
 
 Offline, ``data_dir`` is one corpus folder holding one file per split, ``{data_dir}/{config}/{split}.json`` (e.g.
 ``news/verbmem/forget.json``, ``news/knowmem/forget_qa_icl.json``, ``news/privleak/holdout.json``). Two namings are
@@ -52,7 +55,10 @@ MUSE_PARTS = {
 }
 """Attribute -> (config, split, required columns)."""
 
-OPTIONAL_PARTS = {"privleak_retain": ("privleak", "retain", ("text",))}
+OPTIONAL_PARTS = {
+    "privleak_retain": ("privleak", "retain", ("text",)),
+    "raw_forget": ("raw", "forget", ("text",)),
+}
 """Parts loaded when present (None otherwise)."""
 
 ICL_PARTS = ("knowmem_forget_qa_icl", "knowmem_retain_qa_icl")
@@ -121,6 +127,7 @@ class MUSEDataset:
     privleak_holdout: Dataset
     corpus: str = "news"
     privleak_retain: Dataset | None = None
+    raw_forget: Dataset | None = None
 
     def __post_init__(self) -> None:
         parts = MUSE_PARTS | {a: p for a, p in OPTIONAL_PARTS.items() if getattr(self, a) is not None}

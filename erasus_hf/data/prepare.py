@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .collator import QACollator, SideCollator
 from .pairing import ForgetRetainDataset
-from .validation import check_qa_rows, to_dataset
+from .validation import check_rows, to_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +55,41 @@ def with_alternates(data: Dataset | list[dict], alternate_answers: AlternateAnsw
     return dataset.add_column("alternate", alternates)
 
 
-def prepare_side(data: Any, side_collator: Any, what: str, vocab_size: int | None = None) -> Dataset:
-    """A `datasets.Dataset` of the side, checked (rows a `QACollator` reads: text, or ids inside `vocab_size`; see
-    `check_qa_rows`), tokenized once up front when the collator is a `SideCollator`, checked for emptiness and for
-    rows with no scored token."""
+def side_format(dataset: Dataset, side_collator: Any, what: str, vocab_size: int | None = None) -> str | None:
+    """The format of a side's rows (`formats.FORMATS`), checked (see `validation.check_rows`), when a `QACollator`
+    reads them; None for other collators."""
+    if not isinstance(side_collator, QACollator):
+        return None
+    return check_rows(dataset, what, side_collator.text_format, side_collator.tokenizer, vocab_size)
+
+
+def prepare_side(
+    data: Any, side_collator: Any, what: str, vocab_size: int | None = None
+) -> tuple[Dataset, str | None]:
+    """A `datasets.Dataset` of the side, checked for emptiness and its rows (`side_format`), tokenized once up front
+    when the collator is a `SideCollator` (a long text row gives several windows), checked for examples with no
+    scored token; and the rows' format (None when the collator is not a `QACollator`)."""
     dataset = to_dataset(data, what)
     if len(dataset) == 0:
         raise ValueError(f"The {what} set is empty.")
-    if isinstance(side_collator, QACollator):
-        check_qa_rows(dataset, what, side_collator.question_key, side_collator.answer_key, vocab_size)
+    row_format = side_format(dataset, side_collator, what, vocab_size)
     if not isinstance(side_collator, SideCollator):
-        return dataset
-    tokenized = dataset.map(side_collator.tokenize, remove_columns=dataset.column_names, desc=f"Tokenizing {what}")
+        return dataset, row_format
+    tokenized = dataset.map(
+        side_collator.tokenize_rows, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {what}"
+    )
     empty = [i for i, labels in enumerate(tokenized["labels"]) if all(t == -100 for t in labels)]
     if empty:
+        unit = "rows" if len(tokenized) == len(dataset) else "examples (windows)"
+        cause = {
+            "messages": "no assistant turn is left within max_length, or the chat template marks none",
+            "text": "the text has no token after the BOS",
+        }.get(row_format, "the prompt fills max_length or the answer is empty")
         raise ValueError(
-            f"{len(empty)} {what} example(s) have no answer token left (all labels are -100), e.g. rows {empty[:5]}: "
-            f"the prompt fills max_length={side_collator.max_length} or the answer is empty."
+            f"{len(empty)} {what} example(s) have no scored token left (all labels are -100), e.g. {unit} "
+            f"{empty[:5]}: {cause} (max_length={side_collator.max_length})."
         )
-    return tokenized
+    return tokenized, row_format
 
 
 def warn_overlap(forget: Dataset, retain: Dataset | None) -> int:
@@ -126,8 +142,8 @@ def eval_pairs(
     eval_forget = with_alternates(eval_dataset["forget"], alternate_answers, seed)
     eval_retain = eval_dataset.get("retain")
     return ForgetRetainDataset(
-        prepare_side(eval_forget, side_collator, "eval forget"),
-        prepare_side(eval_retain, side_collator, "eval retain") if eval_retain is not None else retain,
+        prepare_side(eval_forget, side_collator, "eval forget")[0],
+        prepare_side(eval_retain, side_collator, "eval retain")[0] if eval_retain is not None else retain,
         seed=pairing_seed,
         index_offset=len(forget),
     )

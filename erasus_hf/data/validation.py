@@ -1,9 +1,9 @@
 """Refuse malformed forget/retain data before any compute, naming the side, the row, the column and the fix.
 
 `to_dataset` turns what a user passes as one side into a `datasets.Dataset` (refusing paths, dicts of columns,
-`DatasetDict`s and rows whose columns disagree), `eval_sides` does it for `eval_dataset`; `check_qa_rows` checks the
-rows a causal-LM `QACollator` will read: raw question/answer text, or pre-tokenized ids that fit the model's
-vocabulary.
+`DatasetDict`s and rows whose columns disagree), `eval_sides` does it for `eval_dataset`; `check_rows` checks the
+rows a causal-LM `QACollator` will read, in any of the formats of `formats.TextFormat` (raw question/answer text,
+prompt/completion, chat messages, raw text, or pre-tokenized ids that fit the model's vocabulary).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from transformers import PreTrainedTokenizerBase
+
+from .formats import CHAT_FORMATS, RowFormatError, TextFormat
 
 # how each side is passed to `UnlearningTrainer`, for messages
 ARGUMENTS = {
@@ -134,6 +137,44 @@ def check_row_dicts(rows: list, what: str) -> None:
                 )
 
 
+def check_rows(
+    dataset: Dataset,
+    what: str,
+    text_format: TextFormat | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    vocab_size: int | None = None,
+) -> str:
+    """The rows a causal-LM `QACollator` reads, in one of the formats of `formats.TextFormat` (question/answer,
+    prompt/completion as text or chat messages, `messages`, raw text, pre-tokenized ids inside `[0, vocab_size)`),
+    and a tokenizer that can render them. Returns the side's format; raises ValueError naming the side, the row, the
+    column and the fix."""
+    text_format = text_format or TextFormat()
+    where = f"The {what} set ({_argument(what)})"
+    rows = dataset.with_format(None)
+    try:
+        row_format = text_format.detect(rows[0], what)
+    except RowFormatError as err:
+        raise RowFormatError(f"{where}: its rows {str(err).removeprefix(f'The {what} rows ')}") from None
+    columns = rows.column_names
+    if "alternate" in columns and row_format not in ("qa", "prompt_completion", "conversational"):
+        kind = "pre-tokenized (input_ids)" if row_format == "tokenized" else f"{row_format!r} rows"
+        raise ValueError(
+            f"{where} is {kind}, but the strategy pairs each row with a text 'alternate' answer (dpo, idk_dpo), "
+            "which replaces a row's answer or completion. Pass raw question/answer or prompt/completion rows."
+        )
+    if tokenizer is not None and row_format != "tokenized":
+        text_format.check_tokenizer(tokenizer, row_format, what)
+        text_format.training_template(tokenizer, row_format)  # refused now when no template marks the assistant
+    if row_format == "tokenized":
+        check_token_rows(rows, where, vocab_size)
+    elif row_format in CHAT_FORMATS:
+        check_chat_rows(rows, where, text_format, row_format)
+    else:
+        fields = {"qa": ("question", "answer"), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+        check_text_columns(rows, where, [text_format.column(f) for f in fields[row_format]], row_format)
+    return row_format
+
+
 def check_qa_rows(
     dataset: Dataset,
     what: str,
@@ -141,29 +182,24 @@ def check_qa_rows(
     answer_key: str = "answer",
     vocab_size: int | None = None,
 ) -> None:
-    """The rows a causal-LM `QACollator` reads: raw text (`question_key`, `answer_key` and a DPO-style `alternate`
-    answer, each a non-empty string) or pre-tokenized `input_ids` (with `labels` of the same length), every id inside
-    `[0, vocab_size)` and every label an id or -100. Raises ValueError naming the side, the row and the column."""
-    where = f"The {what} set ({_argument(what)})"
+    """Question/answer text rows (or pre-tokenized ids): `check_rows` with these two columns, refusing rows of the
+    other formats (what a question/answer-only consumer, such as the TOFU command line, reads)."""
+    text_format = TextFormat(columns={"question": question_key, "answer": answer_key})
     columns = dataset.column_names
-    rows = dataset.with_format(None)
-    if "input_ids" in columns:
-        if "alternate" in columns and question_key not in columns:
-            raise ValueError(
-                f"{where} is pre-tokenized (input_ids, no {question_key!r} column), but the strategy pairs each row "
-                "with a text 'alternate' answer (dpo, idk_dpo), which is tokenized after the row's question. Pass "
-                f"raw {question_key!r}/{answer_key!r} rows instead."
-            )
-        check_token_rows(rows, where, vocab_size)
-        return
-    missing = [c for c in (question_key, answer_key) if c not in columns]
-    if missing:
+    if "input_ids" not in columns and not {question_key, answer_key} <= set(columns):
+        missing = [c for c in (question_key, answer_key) if c not in columns]
         raise ValueError(
-            f"{where} has columns {columns}, without {missing}: the collator reads raw text from {question_key!r} and "
-            f"{answer_key!r}, or pre-tokenized 'input_ids' (and 'labels'). Rename the columns "
-            "(dataset.rename_column) or set QACollator(question_key=..., answer_key=...)."
+            f"The {what} set ({_argument(what)}) has columns {columns}, without {missing}: it needs question/answer "
+            f"text ({question_key!r}, {answer_key!r}) or pre-tokenized 'input_ids'. Rename the columns "
+            "(dataset.rename_column)."
         )
-    text_columns = [question_key, answer_key] + (["alternate"] if "alternate" in columns else [])
+    check_rows(dataset, what, text_format, vocab_size=vocab_size)
+
+
+def check_text_columns(rows: Dataset, where: str, text_columns: list[str], row_format: str) -> None:
+    """Each of `text_columns` (and a DPO-style `alternate`) holds non-empty text on every row."""
+    if "alternate" in rows.column_names:
+        text_columns = [*text_columns, "alternate"]
     for column in text_columns:
         for i, value in enumerate(rows[column]):
             problem = None
@@ -173,10 +209,43 @@ def check_qa_rows(
                 problem = f"is {_type_name(value)}, not text (str)"
             elif not value.strip():
                 problem = "is empty" + (
-                    ": an empty answer leaves only the closing EOS to train on" if column != question_key else ""
+                    ": an empty answer leaves only the closing EOS to train on"
+                    if column == text_columns[-1] and row_format != "text"
+                    else ""
                 )
             if problem:
                 raise ValueError(f"{where}: row {i}, column {column!r} {problem}. Fix or drop the row.")
+
+
+def check_chat_rows(rows: Dataset, where: str, text_format: TextFormat, row_format: str) -> None:
+    """Conversational rows: lists of `{'role', 'content'}` turns (ShareGPT `conversations` converted by TRL); a
+    `messages` row with only assistant turns scored needs one; a completion is assistant turns."""
+    sides = (
+        {text_format.column("prompt"): "prompt", text_format.column("completion"): "completion"}
+        if row_format == "conversational"
+        else {text_format.column("messages"): "messages"}
+    )
+    for i, row in enumerate(rows):
+        if row_format == "messages":
+            row = {text_format.column("messages"): text_format.messages_of(row)}
+        for column, side in sides.items():
+            turns = row[column]
+            if not isinstance(turns, list) or not turns:
+                raise ValueError(f"{where}: row {i}, column {column!r} must be a non-empty list of chat messages.")
+            for turn in turns:
+                if not isinstance(turn, Mapping) or not isinstance(turn.get("role"), str) or "content" not in turn:
+                    raise ValueError(
+                        f"{where}: row {i}, column {column!r} holds {turn!r:.80}; each message is a dict with "
+                        "'role' and 'content'."
+                    )
+            roles = [turn["role"] for turn in turns]
+            needs_assistant = side == "completion" or (side == "messages" and text_format.assistant_only_loss)
+            if needs_assistant and "assistant" not in roles:
+                fix = ": pass assistant_only_loss=False to score the whole conversation" if side == "messages" else ""
+                raise ValueError(
+                    f"{where}: row {i}, column {column!r} has no assistant turn (roles {roles}); only assistant "
+                    f"turns are scored{fix}."
+                )
 
 
 def check_token_rows(rows: Dataset, where: str, vocab_size: int | None) -> None:

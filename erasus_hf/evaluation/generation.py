@@ -10,11 +10,16 @@ alphanumeric tokens and Porter-stemmed; with LCS the length of their longest com
 ``recall = LCS / len(reference tokens)``, ``precision = LCS / len(prediction tokens)`` and
 ``F1 = 2 P R / (P + R)`` (0 when either is 0).
 
+Prompts are strings (raw text, tokenized as the models of this package were trained: ``tokenizer(prompt)``, BOS
+included) or token ids (`data.formats.TextFormat.generation_prompt`: a question through the chat template or the
+prompt template, exactly as training renders it; ids, because a chat template's text already holds the BOS and
+tokenizing it again would add a second one).
+
 Long prompts. A prompt and its new tokens must fit the model's positions (``config.max_position_embeddings``;
 ``transformers`` only warns past it, and the scores are then computed on positions the model never trained on).
 `prompt_budget` is the room left for the prompt once the new tokens are counted, and `greedy_generate` cuts longer
 prompts from the LEFT (`cut_left`): the end of the prompt, where the continuation starts, is kept, as are the
-special tokens the tokenizer adds around it (the BOS).
+special tokens at either end (the BOS the tokenizer adds; a chat prompt's leading special tokens).
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from transformers.utils.logging import is_progress_bar_enabled
 from ..reference import eval_mode
 from .distributed import map_sharded
 
+Prompt = str | Sequence[int]
+"""A generation prompt: raw text, or the token ids of a rendered prompt (`TextFormat.generation_prompt`)."""
+
 
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     max_new_tokens: int,
     batch_size: int = 32,
     desc: str | None = None,
@@ -46,7 +54,8 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuations of `prompts` (``model.generate(do_sample=False)``), batched with left padding.
 
-    Each prompt is tokenized as the models of this package were trained (``tokenizer(prompt)``, BOS included).
+    A string prompt is tokenized as the models of this package were trained (``tokenizer(prompt)``, BOS included);
+    a list of token ids (`TextFormat.generation_prompt`) is used as it is.
     Each row ends at its first EOS (``tokenizer.eos_token_id``) or after `max_new_tokens`; a batch stops as soon as
     every row has produced its EOS (``generate`` stops when no row is unfinished), so `max_new_tokens` is a cap, not
     a length. Returns, per prompt, the decoded NEW tokens before the EOS (special tokens skipped, whitespace
@@ -56,20 +65,19 @@ def greedy_generate(
     None leaves every prompt whole (`prompt_budget` gives the limit that fits the model).
     """
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string.")
+        raise TypeError("prompts must be a list of prompts (strings or token id lists), not one string.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set one (ensure_pad_token does it from EOS).")
-    if any(not isinstance(p, str) for p in prompts):
-        raise TypeError("Every prompt must be a string.")
+    check_prompts(prompts)
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
     device = next(model.parameters()).device
 
-    def generate_block(block: list[str]) -> list[str]:
+    def generate_block(block: list[Prompt]) -> list[str]:
         outputs: list[str] = []
         starts = range(0, len(block), batch_size)
         with eval_mode(model):
@@ -116,11 +124,43 @@ def prompt_budget(model: nn.Module, max_new_tokens: int, option: str = "max_new_
     return context - max_new_tokens
 
 
-def count_longer(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int | None) -> int:
+def check_prompts(prompts: Sequence[Prompt]) -> None:
+    """Raise unless every prompt is a string or a non-empty list of token ids (ints)."""
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            continue
+        is_ids = isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        if not is_ids or len(prompt) == 0:
+            raise TypeError(
+                f"Prompt {i} must be a string or a non-empty list of token ids (TextFormat.generation_prompt), got "
+                f"{type(prompt).__name__}."
+            )
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> list[tuple[list[int], list[int]]]:
+    """(ids, special-token mask) of every prompt: a string tokenized (BOS included), token ids as given (their
+    special tokens marked by the tokenizer's `get_special_tokens_mask`)."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = {"input_ids": [], "special_tokens_mask": []}
+    if texts:
+        encoded = tokenizer(texts, return_special_tokens_mask=True)
+    tokenized = iter(zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True))
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids, mask = next(tokenized)
+            out.append((list(ids), list(mask)))
+        else:
+            ids = list(prompt)
+            out.append((ids, tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)))
+    return out
+
+
+def count_longer(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], max_prompt_tokens: int | None) -> int:
     """How many of `prompts` tokenize (as `greedy_generate` does, BOS included) to more than `max_prompt_tokens`."""
     if max_prompt_tokens is None:
         return 0
-    return sum(len(ids) > max_prompt_tokens for ids in tokenizer(list(prompts))["input_ids"])
+    return sum(len(ids) > max_prompt_tokens for ids, _ in prompt_ids(tokenizer, prompts))
 
 
 def cut_left(ids: Sequence[int], special_mask: Sequence[int], limit: int) -> list[int]:
@@ -142,15 +182,13 @@ def cut_left(ids: Sequence[int], special_mask: Sequence[int], limit: int) -> lis
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int | None = None
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], max_prompt_tokens: int | None = None
 ) -> BatchEncoding:
-    """`prompts` tokenized (BOS included), each cut to `max_prompt_tokens` by `cut_left`, left-padded into tensors."""
-    if max_prompt_tokens is None:
-        return tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
-    encoded = tokenizer(prompts, return_special_tokens_mask=True)
+    """`prompts` as ids (`prompt_ids`: strings tokenized, BOS included; id lists as given), each cut to
+    `max_prompt_tokens` by `cut_left`, left-padded into tensors."""
     rows = [
-        cut_left(ids, mask, max_prompt_tokens)
-        for ids, mask in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True)
+        ids if max_prompt_tokens is None else cut_left(ids, mask, max_prompt_tokens)
+        for ids, mask in prompt_ids(tokenizer, prompts)
     ]
     return tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
 

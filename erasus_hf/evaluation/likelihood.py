@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import is_progress_bar_enabled
 
+from ..data.formats import TextFormat
 from ..objectives import CausalLMObjective, Objective
-from .scoring import qa_batches, score_batch
+from .scoring import check_qa_format, evaluation_format, qa_batches, score_batch
 
 
 def answer_nll(
@@ -29,12 +30,16 @@ def answer_nll(
     max_length: int = 512,
     desc: str | None = None,
     objective: Objective | None = None,
+    text_format: TextFormat | None = None,
 ) -> torch.Tensor:
     """[N] mean token NLL of each answer given its question (prompt masked, the closing EOS scored), in the unlearning
-    collator's layout, scored by `objective` (default: `CausalLMObjective`) in eval mode without gradients."""
+    collator's layout of `text_format` (None: `TextFormat()`, the chat template when the tokenizer has one), scored by
+    `objective` (default: `CausalLMObjective`) in eval mode without gradients."""
     objective = CausalLMObjective() if objective is None else objective
+    text_format = evaluation_format(text_format)
+    check_qa_format(text_format, tokenizer, "answer_nll")
     batches = tqdm(
-        qa_batches(tokenizer, questions, answers, batch_size, max_length),
+        qa_batches(tokenizer, questions, answers, batch_size, max_length, text_format),
         total=-(-len(answers) // batch_size),
         desc=desc,
         disable=desc is None or not is_progress_bar_enabled(),

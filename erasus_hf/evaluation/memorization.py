@@ -3,7 +3,8 @@
 Both read the greedy predictions of one `token_stats` pass (`TokenStats.argmax` against `TokenStats.targets`), over
 the answer tokens of a QA row (the closing EOS left out by default, as open-unlearning's ``exact_memorization`` and
 ``extraction_strength`` leave it out, ``src/evals/metrics/memorization.py``) or every token after the BOS of a text
-row.
+row. QA rows are laid out as training lays them out (``text_format``: the chat template when the tokenizer has one,
+by default; ``meta["text_format"]`` records it).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..data.formats import TextFormat
 from ..objectives import CausalLMObjective, Objective
 from .base import Evaluator, SuiteData, check_at_least_one, register_evaluator
 from .result import EvaluationResult
-from .scoring import TokenStats, dataset_batches, row_format, token_stats
+from .scoring import TokenStats, check_rows_format, checked_format, dataset_batches, row_format, token_stats
 
 
 def exact_memorization(stats: TokenStats, score_eos: bool = False) -> float:
@@ -63,7 +65,8 @@ class MemorizationEvaluator(Evaluator):
 
     Summary: `{name}/{split}_exact_memorization`, `{name}/{split}_extraction_strength` (means over the split); the
     per-example values under the same keys. `score_eos` and `allow_empty_suffix` are those of the metric functions
-    (defaults: open-unlearning's numbers).
+    (defaults: open-unlearning's numbers). `text_format` renders the QA rows (`data.formats.TextFormat`; the
+    trainer's); None = `TextFormat()`.
     """
 
     splits: Mapping[str, Dataset]
@@ -73,13 +76,15 @@ class MemorizationEvaluator(Evaluator):
     score_eos: bool = False
     allow_empty_suffix: bool = False
     objective: Objective = field(default_factory=CausalLMObjective)
+    text_format: TextFormat | None = None
 
     def __post_init__(self) -> None:
+        self.text_format = checked_format(self.text_format)  # renames kept: the trainer's rows use them
         if not self.splits:
             raise ValueError("MemorizationEvaluator needs at least one split (name -> Dataset).")
         check_at_least_one(batch_size=self.batch_size)
         for split, dataset in self.splits.items():
-            row_format(dataset, f"Split {split!r}")
+            row_format(dataset, f"Split {split!r}", self.text_format)
         self.splits = dict(self.splits)
 
     @classmethod
@@ -94,16 +99,18 @@ class MemorizationEvaluator(Evaluator):
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
         """Score every split (`reference` is unused)."""
+        for split, dataset in self.splits.items():
+            check_rows_format(dataset, self.text_format, tokenizer, f"Memorization split {split!r}")
         meta = {
             "splits": {s: len(d) for s, d in self.splits.items()},
             "score_eos": self.score_eos,
             "allow_empty_suffix": self.allow_empty_suffix,
         }
-        result = EvaluationResult(meta={self.name: meta})
+        result = EvaluationResult(meta={self.name: meta, "text_format": self.text_format.describe(tokenizer)})
         for split, dataset in self.splits.items():
             stats = token_stats(
                 model,
-                dataset_batches(dataset, tokenizer, self.batch_size, self.max_length),
+                dataset_batches(dataset, tokenizer, self.batch_size, self.max_length, self.text_format),
                 desc=f"{self.name}: {split}",
                 objective=self.objective,
             )

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..data.fingerprint import describe_rows
+from ..data.formats import TextFormat
 from ..objectives import CausalLMObjective, Objective
 from .attacks import (
     GRADNORM_REDUCTIONS,
@@ -32,7 +33,7 @@ from .attacks import (
 from .auc import BOOTSTRAP_RESAMPLES, auc, auc_interval, interval_entry, warn_few_rows
 from .base import Evaluator, SuiteData, check_at_least_one, check_fraction, register_evaluator
 from .result import EvaluationResult
-from .scoring import dataset_batches, row_format, token_stats
+from .scoring import check_rows_format, checked_format, dataset_batches, row_format, scored_columns, token_stats
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm", "reference")
 """The attacks `MIAEvaluator` runs, by name."""
@@ -56,7 +57,9 @@ class MIAEvaluator(Evaluator):
 
     Rows are QA (`question`/`answer`: the answer is scored given the question) or plain text (`text`). One
     `token_stats` pass per set serves loss, zlib, min_k, min_k_plus_plus and reference (the reference model
-    `ref_model`, scored with the same tokenizer, gets its own pass); gradnorm runs one backward per example. The ZLib
+    `ref_model`, scored with the same tokenizer, gets its own pass); gradnorm runs one backward per example. QA rows
+    are laid out as training lays them out (`text_format`: the chat template when the tokenizer has one, by default),
+    so the attack scores the tokens the unlearning loss saw; text rows as `scoring.text_batches`. The ZLib
     text is the scored tokens decoded without special tokens (open-unlearning's), i.e. `" " + answer` with the
     package's byte-level tokenizers, the text itself for a text row. Summary: `{name}/{attack}_auc`; per example:
     `{name}/{attack}_members`, `{name}/{attack}_nonmembers` (the scores, higher = member); `intervals`: the 95%
@@ -72,6 +75,7 @@ class MIAEvaluator(Evaluator):
             the per-tensor 2-norms).
         bootstrap_resamples / bootstrap_seed: the bootstrap of the AUC intervals (`auc_interval`: 1000, seed 0).
         objective: scores the rows (of the model and of `ref_model`); default `CausalLMObjective`.
+        text_format: how QA rows are rendered (`data.formats.TextFormat`; the trainer's); None = `TextFormat()`.
     """
 
     members: Dataset
@@ -88,8 +92,10 @@ class MIAEvaluator(Evaluator):
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
     bootstrap_seed: int = 0
     objective: Objective = field(default_factory=CausalLMObjective)
+    text_format: TextFormat | None = None
 
     def __post_init__(self) -> None:
+        self.text_format = checked_format(self.text_format)  # renames kept: the trainer's rows use them
         attacks, ref_model = self.attacks, self.ref_model
         if attacks is None:  # every attack; "reference" only when there is a reference model
             attacks = tuple(a for a in ATTACKS if a != "reference" or ref_model is not None)
@@ -129,7 +135,7 @@ class MIAEvaluator(Evaluator):
                 raise ValueError(
                     f"Membership inference: the {side} dataset is empty ({origin}); an AUC needs rows on both sides."
                 )
-            row_format(dataset, f"The {side} dataset")
+            row_format(dataset, f"The {side} dataset", self.text_format)
 
     @classmethod
     def from_suite_data(cls, data: SuiteData, **options: Any) -> MIAEvaluator:
@@ -141,7 +147,7 @@ class MIAEvaluator(Evaluator):
         """``{"{name}/members": ..., "{name}/nonmembers": ...}``: `describe_rows` over the columns scored."""
         out = {}
         for side, dataset in (("members", self.members), ("nonmembers", self.nonmembers)):
-            columns = ("question", "answer") if row_format(dataset, f"The {side} set") == "qa" else ("text",)
+            columns = scored_columns(dataset, self.text_format)
             out[f"{self.name}/{side}"] = describe_rows(dataset, columns, f"MIA {side} set")
         return out
 
@@ -150,7 +156,7 @@ class MIAEvaluator(Evaluator):
         return EOS_SCORED[attack] if self.score_eos is None else self.score_eos
 
     def _batches(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Iterator[dict[str, torch.Tensor]]:
-        return dataset_batches(dataset, tokenizer, self.batch_size, self.max_length)
+        return dataset_batches(dataset, tokenizer, self.batch_size, self.max_length, self.text_format)
 
     def _scores(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, which: str
@@ -192,6 +198,8 @@ class MIAEvaluator(Evaluator):
         """AUC, its confidence interval and per-example scores of every attack (`reference` is unused)."""
         warn_few_rows({"member": len(self.members), "non-member": len(self.nonmembers)}, "Membership inference")
         rows = self.rows()
+        for dataset in (self.members, self.nonmembers):
+            check_rows_format(dataset, self.text_format, tokenizer, "Membership inference")
         members = self._scores(model, tokenizer, self.members, "members")
         nonmembers = self._scores(model, tokenizer, self.nonmembers, "non-members")
         meta = {
@@ -200,12 +208,14 @@ class MIAEvaluator(Evaluator):
             "eos_scored": {a: self.eos_scored(a) for a in self.attacks},
             "num_members": len(self.members),
             "num_nonmembers": len(self.nonmembers),
-            "rows": row_format(self.members, "The members dataset"),
+            "rows": row_format(self.members, "The members dataset", self.text_format),
             "scores": "higher = member; AUC 0.5 = members indistinguishable from non-members",
         }
         if "gradnorm" in self.attacks:
             meta["gradnorm"] = {"reduction": self.gradnorm_reduction, "p": self.gradnorm_p}
-        result = EvaluationResult(meta={self.name: meta}, rows=rows)
+        result = EvaluationResult(
+            meta={self.name: meta, "text_format": self.text_format.describe(tokenizer)}, rows=rows
+        )
         for attack in self.attacks:
             key = f"{self.name}/{attack}_auc"
             result.summary[key] = auc(members[attack], nonmembers[attack])

@@ -40,14 +40,31 @@ error naming the option to lower, raised before any compute. PrivLeak texts are 
 tokens. ``meta["{name}/truncation"]`` records the context, each part's prompt budget and how many prompts (texts)
 were cut.
 
-Prompt format. MUSE's code writes ``"Question: {q}\\nAnswer: {a}\\n\\n"`` per example and ends the prompt with
-``"Answer: "``. The models here are trained on ``PROMPT_TEMPLATE`` (``"Question: {q}\\nAnswer:"``) with the answer
-after one space, and a byte-level tokenizer encodes a trailing space on its own, so the prompt ends at
-``"Answer:"`` and the model generates the space: each shot is ``format_prompt(q) + " " + a + "\\n\\n"``.
+- **Forget perplexity** (only with MUSE's raw forget corpus, ``raw/forget``, ``MUSEDataset.raw_forget``). Neither
+  MUSE's code (``swj0419/muse_bench``: VerbMem, KnowMem, PrivLeak) nor open-unlearning's MUSE metrics report a
+  perplexity, so it is defined here: each article is cut into windows as training cuts it
+  (``TextFormat.encode`` of a ``text`` row: ``max_length`` tokens, capped at the model's positions, BOS first when
+  the tokenizer adds one, ``window_stride`` apart, each token scored once), and
+  ``forget_ppl = exp(sum of the NLL of every scored token / number of scored tokens)`` over the whole corpus (a
+  token-weighted mean, as a corpus perplexity is; long articles weigh more). Unlearning raises it.
+
+Prompt format. KnowMem asks its questions in the layout the model was trained on (``text_format``, a
+``data.formats.TextFormat``; by default the chat template when the tokenizer has one, as training):
+
+- through the prompt template: MUSE's code writes ``"Question: {q}\\nAnswer: {a}\\n\\n"`` per example and ends
+  the prompt with ``"Answer: "``. The models here are trained on ``PROMPT_TEMPLATE`` (``"Question: {q}\\nAnswer:"``)
+  with the answer after one space, and a byte-level tokenizer encodes a trailing space on its own, so the prompt
+  ends at ``"Answer:"`` and the model generates the space: each shot is ``format_prompt(q) + " " + a + "\\n\\n"``;
+- through the chat template: each few-shot example is an earlier user/assistant exchange, the question the last user
+  turn, then the template's generation prompt (``TextFormat.generation_prompt``); the answer ends at the model's EOS.
+
+VerbMem continues raw text (an article's opening) and PrivLeak scores raw text: neither goes through a template.
+``meta["text_format"]`` records the format (``TextFormat.describe``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,15 +73,23 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..data.fingerprint import describe_rows
+from ..data.formats import TextFormat
 from ..data.formatting import format_completion, format_prompt
-from ..data.muse import MUSE_PARTS, MUSEDataset
+from ..data.muse import MUSE_PARTS, OPTIONAL_PARTS, MUSEDataset
 from ..objectives import CausalLMObjective, Objective
 from .attacks import min_k_score
 from .auc import BOOTSTRAP_RESAMPLES, auc, auc_interval, interval_entry, warn_few_rows
 from .base import Evaluator, SuiteData, check_at_least_one, check_fraction, register_evaluator
 from .generation import count_longer, greedy_generate, model_context, prompt_budget, rouge_f1, rouge_recall
 from .result import EvaluationResult
-from .scoring import text_batches, token_stats
+from .scoring import (
+    check_qa_format,
+    evaluation_format,
+    example_batches,
+    text_batches,
+    token_nll_sums,
+    token_stats,
+)
 
 STOP_STRINGS = ("\n\n", "\nQuestion", "Question:")
 """A KnowMem answer ends where the model starts the next question/answer block."""
@@ -98,7 +123,8 @@ def privleak(auc_model: float, auc_retain: float) -> float:
 
 
 def few_shot_prompt(question: str, icl_questions: Sequence[str] = (), icl_answers: Sequence[str] = ()) -> str:
-    """The KnowMem prompt: each shot ``format_prompt(q) + " " + a + "\\n\\n"``, then ``format_prompt(question)``."""
+    """The KnowMem prompt through the default prompt template: each shot ``format_prompt(q) + " " + a + "\\n\\n"``,
+    then ``format_prompt(question)`` (the text `TextFormat.generation_prompt` tokenizes without a chat template)."""
     if len(icl_questions) != len(icl_answers):
         raise ValueError(f"{len(icl_questions)} few-shot questions but {len(icl_answers)} answers.")
     shots = "".join(
@@ -123,7 +149,8 @@ class MUSEEvaluator(Evaluator):
     ``{name}/knowmem_retain_rouge_recall``, ``{name}/privleak_auc`` (conventional: forget = members),
     ``{name}/privleak_auc_flipped`` (``1 - privleak_auc``, the AUC MUSE reports) and ``{name}/privleak`` (MUSE's
     convention, see the module doc; only with a reference evaluation, the retain model's run, holding
-    ``{name}/privleak_auc``); per-example logs under the same names for
+    ``{name}/privleak_auc``) and ``{name}/forget_ppl`` (only with ``data.raw_forget``); per-example logs under the same
+    names for
     the ROUGE scores and ``{name}/privleak_forget_min_k`` / ``{name}/privleak_holdout_min_k`` for the MIA scores;
     ``rows["{name}/{part}"]`` the count and fingerprints of every part scored (``MUSE_PARTS``); ``intervals``
     the confidence intervals of ``privleak_auc`` and ``privleak_auc_flipped``.
@@ -137,7 +164,10 @@ class MUSEEvaluator(Evaluator):
             model's ``max_position_embeddings``).
         name: prefix of the metric names.
         bootstrap_resamples / bootstrap_seed: the confidence interval of the PrivLeak AUC (`auc.auc_interval`).
-        objective: scores the PrivLeak texts; default `CausalLMObjective`.
+        objective: scores the PrivLeak texts and the forget perplexity; default `CausalLMObjective`.
+        text_format: how KnowMem questions are asked and the raw forget articles are windowed
+            (`data.formats.TextFormat`; the trainer's, or `UnlearningConfig.text_format()`); None = `TextFormat()`:
+            the chat template when the tokenizer has one.
     """
 
     data: MUSEDataset
@@ -150,8 +180,10 @@ class MUSEEvaluator(Evaluator):
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
     bootstrap_seed: int = 0
     objective: Objective = field(default_factory=CausalLMObjective)
+    text_format: TextFormat | None = None
 
     def __post_init__(self) -> None:
+        self.text_format = evaluation_format(self.text_format)
         if not isinstance(self.data, MUSEDataset):
             raise TypeError(f"data must be a MUSEDataset, got {type(self.data).__name__}")
         check_fraction(self.k)
@@ -166,9 +198,10 @@ class MUSEEvaluator(Evaluator):
 
     def rows(self) -> dict[str, dict]:
         """``{"{name}/{part}": describe_rows(...)}`` for every part scored, over the columns it reads."""
+        parts = MUSE_PARTS | ({"raw_forget": OPTIONAL_PARTS["raw_forget"]} if self.data.raw_forget is not None else {})
         return {
             f"{self.name}/{part}": describe_rows(getattr(self.data, part), columns, f"MUSE {config}/{split}")
-            for part, (config, split, columns) in MUSE_PARTS.items()
+            for part, (config, split, columns) in parts.items()
         }
 
     def check_reference(self, reference: EvaluationResult | None, rows: dict[str, dict] | None = None) -> None:
@@ -200,13 +233,13 @@ class MUSEEvaluator(Evaluator):
         )
         return [rouge_f1(c, gt) for c, gt in zip(continuations, rows["gt"], strict=True)]
 
-    def knowmem_prompts(self, side: str) -> list[str]:
-        """The few-shot prompt of every KnowMem question on ``side`` = ``"forget"`` or ``"retain"``."""
+    def knowmem_prompts(self, tokenizer: PreTrainedTokenizerBase, side: str) -> list[list[int]]:
+        """The few-shot prompt (token ids, `TextFormat.generation_prompt`) of every KnowMem question on ``side`` =
+        ``"forget"`` or ``"retain"``."""
         qa = getattr(self.data, f"knowmem_{side}_qa")
         icl = getattr(self.data, f"knowmem_{side}_qa_icl")
-        icl_questions = list(icl["question"]) if len(icl) else []
-        icl_answers = list(icl["answer"]) if len(icl) else []
-        return [few_shot_prompt(q, icl_questions, icl_answers) for q in qa["question"]]
+        shots = list(zip(icl["question"], icl["answer"], strict=True)) if len(icl) else []
+        return [self.text_format.generation_prompt(tokenizer, q, shots) for q in qa["question"]]
 
     def knowmem(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, side: str) -> list[float]:
         """Per-question ROUGE-L recall of the few-shot answer, on ``side`` = ``"forget"`` or ``"retain"`` (prompts
@@ -214,7 +247,7 @@ class MUSEEvaluator(Evaluator):
         generations = greedy_generate(
             model,
             tokenizer,
-            self.knowmem_prompts(side),
+            self.knowmem_prompts(tokenizer, side),
             max_new_tokens=self.max_new_tokens_knowmem,
             batch_size=self.batch_size,
             desc=f"MUSE knowmem {side}",
@@ -222,6 +255,38 @@ class MUSEEvaluator(Evaluator):
         )
         answers = getattr(self.data, f"knowmem_{side}_qa")["answer"]
         return [rouge_recall(cut_answer(g), a) for g, a in zip(generations, answers, strict=True)]
+
+    def forget_windows(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, list[int]]]:
+        """The raw forget articles cut as training cuts text rows (`TextFormat.encode`, windows of `text_length`
+        tokens); refused when they hold no token to score. Tokenization only, no forward pass."""
+        length = self.text_length(model)
+        windows = [
+            w for t in self.data.raw_forget["text"] for w in self.text_format.encode(tokenizer, {"text": t}, length)
+        ]
+        if not any(label != -100 for w in windows for label in w["labels"][1:]):  # a causal LM scores from position 1
+            raise ValueError(
+                f"MUSE raw/forget: its {len(self.data.raw_forget)} articles hold no token to score (empty texts?); "
+                "drop the part (raw_forget=None) or pass the articles."
+            )
+        return windows
+
+    def forget_perplexity(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, windows: list[dict[str, list[int]]] | None = None
+    ) -> tuple[float, dict[str, Any]]:
+        """(forget perplexity, what it was computed on) of the raw forget articles: ``exp(sum of the scored tokens'
+        NLL / their number)`` over every window of `forget_windows` (see the module doc)."""
+        windows = self.forget_windows(model, tokenizer) if windows is None else windows
+        batches = example_batches(tokenizer, windows, self.batch_size)
+        sums = token_nll_sums(model, batches, desc="MUSE forget perplexity", objective=self.objective)
+        nll, tokens = sum(s for s, _ in sums), sum(n for _, n in sums)
+        record = {
+            "articles": len(self.data.raw_forget),
+            "windows": len(windows),
+            "tokens": tokens,
+            "max_length": self.text_length(model),
+            "window_stride": self.text_format.window_stride,
+        }
+        return math.exp(nll / tokens), record
 
     def text_length(self, model: nn.Module) -> int:
         """Token limit of a PrivLeak text on `model`: `max_length`, never more than the model's positions."""
@@ -243,8 +308,8 @@ class MUSEEvaluator(Evaluator):
         knowmem_budget = prompt_budget(model, self.max_new_tokens_knowmem, "max_new_tokens_knowmem")
         parts = {
             "verbmem_forget": (list(self.data.verbmem_forget["prompt"]), verbmem_budget),
-            "knowmem_forget": (self.knowmem_prompts("forget"), knowmem_budget),
-            "knowmem_retain": (self.knowmem_prompts("retain"), knowmem_budget),
+            "knowmem_forget": (self.knowmem_prompts(tokenizer, "forget"), knowmem_budget),
+            "knowmem_retain": (self.knowmem_prompts(tokenizer, "retain"), knowmem_budget),
         }
         record: dict[str, Any] = {"context": model_context(model)}
         for part, (prompts, budget) in parts.items():
@@ -264,8 +329,15 @@ class MUSEEvaluator(Evaluator):
         self.check_reference(reference, rows)  # before the expensive passes
         forget, holdout = self.data.privleak_forget, self.data.privleak_holdout
         warn_few_rows({"privleak forget": len(forget), "privleak holdout": len(holdout)}, "MUSE PrivLeak")
+        check_qa_format(self.text_format, tokenizer, "MUSE KnowMem")
         truncation = self.truncation(model, tokenizer)  # raises before any compute when a prompt cannot fit
-        meta = {f"{name}/corpus": self.data.corpus, f"{name}/min_k": self.k, f"{name}/truncation": truncation}
+        windows = self.forget_windows(model, tokenizer) if self.data.raw_forget is not None else None
+        meta = {
+            f"{name}/corpus": self.data.corpus,
+            f"{name}/min_k": self.k,
+            f"{name}/truncation": truncation,
+            "text_format": self.text_format.describe(tokenizer),
+        }
         result = EvaluationResult(meta=meta, rows=rows)
         logs = {
             "verbmem_forget_rouge_f1": self.verbmem(model, tokenizer),
@@ -289,6 +361,14 @@ class MUSEEvaluator(Evaluator):
             1 - high, 1 - low, self.bootstrap_resamples, self.bootstrap_seed
         )
 
+        if windows is not None:
+            result.summary[f"{name}/forget_ppl"], result.meta[f"{name}/forget_ppl"] = self.forget_perplexity(
+                model, tokenizer, windows
+            )
+        else:
+            result.meta[f"{name}/forget_ppl_missing"] = (
+                "not computed: no raw forget corpus (MUSE's raw/forget, MUSEDataset.raw_forget)."
+            )
         if reference is None:
             result.meta[f"{name}/privleak_missing"] = (
                 "not computed: no reference evaluation (evaluate the retain model on the same MUSE data and pass "

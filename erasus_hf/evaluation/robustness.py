@@ -12,7 +12,8 @@ Two attacks on a COPY of the unlearned model (the caller's model is never modifi
   quantisation step rounds back to the original weight, and 4-bit steps are about 16 times coarser than 8-bit ones.
 
 The forget metrics, both from one batched teacher-forced pass (`scoring.token_stats`, QA layout: prompt masked, EOS
-appended and scored):
+appended and scored; the rows rendered as training renders them, `text_format`: the chat template when the tokenizer
+has one, by default):
 
 - forget probability: per example P = exp(-mean NLL of its answer tokens) (TOFU's length-normalised probability,
   Maini et al. 2024, arXiv:2401.06121), averaged over examples;
@@ -43,11 +44,12 @@ from transformers import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..data.collator import QACollator
+from ..data.formats import TextFormat
 from ..objectives import CausalLMObjective, Objective
 from .base import Evaluator
 from .memorization import exact_memorization
 from .result import EvaluationResult
-from .scoring import TokenStats, mean_token_nll, qa_batches, token_stats
+from .scoring import TokenStats, check_qa_format, evaluation_format, mean_token_nll, qa_batches, token_stats
 
 QA_COLUMNS = ("question", "answer")
 METRICS = ("forget_prob", "forget_accuracy")
@@ -81,11 +83,14 @@ def forget_metrics(
     max_length: int = 512,
     desc: str | None = None,
     objective: Objective | None = None,
+    text_format: TextFormat | None = None,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """`forget_stats_metrics` of `model` on QA `rows` (columns `question`, `answer`), one batched no-grad pass, scored
-    by `objective` (default `CausalLMObjective`)."""
+    """`forget_stats_metrics` of `model` on QA `rows` (columns `question`, `answer`) rendered by `text_format` (None:
+    `TextFormat()`), one batched no-grad pass, scored by `objective` (default `CausalLMObjective`)."""
     _check_rows(rows, "The forget rows")
-    batches = qa_batches(tokenizer, rows["question"], rows["answer"], batch_size=batch_size, max_length=max_length)
+    text_format = evaluation_format(text_format)
+    check_qa_format(text_format, tokenizer, "The forget metrics")
+    batches = qa_batches(tokenizer, rows["question"], rows["answer"], batch_size, max_length, text_format)
     stats = token_stats(model, batches, desc=desc, objective=objective)
     return forget_stats_metrics(stats)
 
@@ -123,11 +128,13 @@ def relearning_attack(
     max_length: int = 512,
     eval_batch_size: int = 32,
     objective: Objective | None = None,
+    text_format: TextFormat | None = None,
 ) -> dict:
     """Relearning attack (Lynch et al. 2024, arXiv:2402.16835; Hu et al. 2024, arXiv:2406.13356).
 
     A deep copy of `model` (`attack_copy`; every parameter trainable) is fine-tuned for `steps` AdamW steps on
-    `relearn_rows` (plain mean NLL of the answer tokens in the `QACollator` layout, scored by `objective`, default
+    `relearn_rows` (plain mean NLL of the answer tokens in the `QACollator` layout of `text_format`, None =
+    `TextFormat()`, the chat template when the tokenizer has one; scored by `objective`, default
     `CausalLMObjective`, with float32 logits as transformers' own loss; shuffled mini-batches of
     `batch_size` with `seed`, constant learning rate, gradient norm clipped to `max_grad_norm`). The forget metrics
     (`forget_prob`, `forget_accuracy`; module docstring) are measured on `eval_rows`, which must share no question
@@ -151,14 +158,16 @@ def relearning_attack(
         )
 
     objective = CausalLMObjective() if objective is None else objective
-    before = forget_metrics(model, tokenizer, eval_rows, eval_batch_size, max_length, objective=objective)
+    text_format = evaluation_format(text_format)
+    scoring = dict(objective=objective, text_format=text_format)
+    before = forget_metrics(model, tokenizer, eval_rows, eval_batch_size, max_length, **scoring)
 
     attacked = attack_copy(model)
     attacked.requires_grad_(True)
     attacked.train()
     device = next(attacked.parameters()).device
     optimizer = torch.optim.AdamW(attacked.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    collator = QACollator(tokenizer, max_length=max_length)
+    collator = QACollator(tokenizer, max_length=max_length, text_format=text_format)
     rows = [{"question": q, "answer": a} for q, a in zip(relearn_rows["question"], relearn_rows["answer"])]
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -176,7 +185,7 @@ def relearning_attack(
         losses.append(loss.item())
     attacked.eval()
 
-    after = forget_metrics(attacked, tokenizer, eval_rows, eval_batch_size, max_length, objective=objective)
+    after = forget_metrics(attacked, tokenizer, eval_rows, eval_batch_size, max_length, **scoring)
     return {
         **side_by_side(("before", before), ("after", after), change="recovered"),
         "steps": steps,
@@ -203,7 +212,7 @@ class RelearningEvaluator(Evaluator):
     """`relearning_attack` as an evaluator: summary `{name}/forget_prob_before`, `{name}/forget_prob_after`,
     `{name}/forget_accuracy_before`, `{name}/forget_accuracy_after` (and `..._recovered`), per-example
     `{name}/forget_prob_after` and `{name}/forget_accuracy_after` on `eval_rows`. The attack needs no reference
-    run."""
+    run. `text_format` renders the rows (the trainer's; None = `TextFormat()`)."""
 
     relearn_rows: Dataset
     eval_rows: Dataset
@@ -213,17 +222,25 @@ class RelearningEvaluator(Evaluator):
     seed: int = 0
     name: str = "relearn"
     objective: Objective = field(default_factory=CausalLMObjective)
+    text_format: TextFormat | None = None
+
+    def __post_init__(self) -> None:
+        self.text_format = evaluation_format(self.text_format)
 
     def evaluate(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
         options = dict(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size, seed=self.seed)
         rows = (self.relearn_rows, self.eval_rows)
-        out = relearning_attack(model, tokenizer, *rows, **options, objective=self.objective)
+        scoring = dict(objective=self.objective, text_format=self.text_format)
+        out = relearning_attack(model, tokenizer, *rows, **options, **scoring)
         changes = ("before", "after", "recovered")
         summary = {f"{self.name}/{m}_{when}": out[when][m] for m in METRICS for when in changes}
         per_example = {f"{self.name}/{m}_after": out["per_example"][f"{m}_after"] for m in METRICS}
-        meta = {self.name: {**options, "relearn_rows": len(self.relearn_rows), "eval_rows": len(self.eval_rows)}}
+        meta = {
+            self.name: {**options, "relearn_rows": len(self.relearn_rows), "eval_rows": len(self.eval_rows)},
+            "text_format": self.text_format.describe(tokenizer),
+        }
         return EvaluationResult(summary, per_example, meta)
 
 
@@ -337,13 +354,13 @@ def _qa_metrics(
     batch_size: int,
     max_length: int,
     objective: Objective | None,
+    text_format: TextFormat | None = None,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """`forget_metrics` on the forget rows and, under `retain_*` names, on the retain rows."""
-    summary, per_example = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length, objective=objective)
+    scoring = dict(objective=objective, text_format=text_format)
+    summary, per_example = forget_metrics(model, tokenizer, forget_rows, batch_size, max_length, **scoring)
     if retain_rows is not None:
-        retain, retain_per_example = forget_metrics(
-            model, tokenizer, retain_rows, batch_size, max_length, objective=objective
-        )
+        retain, retain_per_example = forget_metrics(model, tokenizer, retain_rows, batch_size, max_length, **scoring)
         summary |= {m.replace("forget", "retain", 1): v for m, v in retain.items()}
         per_example |= {m.replace("forget", "retain", 1): v for m, v in retain_per_example.items()}
     return summary, per_example
@@ -364,6 +381,7 @@ def quantization_report(
     batch_size: int = 32,
     max_length: int = 512,
     objective: Objective | None = None,
+    text_format: TextFormat | None = None,
 ) -> dict:
     """Forget (and retain) metrics of `model` at full precision and of its `quantized_copy` at each of `bits`, side
     by side: does quantisation undo the unlearning (Zhang et al. 2024, arXiv:2410.16454)?
@@ -383,7 +401,8 @@ def quantization_report(
       keeps, the quantity behind the paper's summary (methods with utility constraints keep about 21% of the
       forgotten knowledge at full precision, about 83% after 4-bit quantisation); NaN when o == 0.
 
-    Without `original` only ``difference`` (q - u, for every metric) measures the change.
+    Without `original` only ``difference`` (q - u, for every metric) measures the change. The rows are rendered by
+    `text_format` (None = `TextFormat()`, the chat template when the tokenizer has one).
 
     Returns ``{"full": {metric: value}, "int8": {...}, "int4": {...}, "difference": {"int8": {metric: q - u}, ...},
     "recovered": {"int8": {forget metric: ...}, ...}, "retained": {"full": {...}, "int8": {...}, ...}, "original":
@@ -396,10 +415,14 @@ def quantization_report(
         _check_rows(retain_rows, "The retain rows")
     for b in bits:  # refuse an unavailable backend before any model is scored
         quantization_config(b, backend, next(model.parameters()).device)
+    text_format = evaluation_format(text_format)
+    check_qa_format(text_format, tokenizer, "The quantization report")
     if original is None:
         start = None
     elif isinstance(original, nn.Module):
-        start, _ = forget_metrics(original, tokenizer, forget_rows, batch_size, max_length, objective=objective)
+        start, _ = forget_metrics(
+            original, tokenizer, forget_rows, batch_size, max_length, objective=objective, text_format=text_format
+        )
     else:
         missing = [m for m in METRICS if m not in original]
         if missing:
@@ -410,7 +433,7 @@ def quantization_report(
         start = {m: float(original[m]) for m in METRICS}
 
     precisions = ["full"] + [f"int{b}" for b in bits]
-    scoring = (tokenizer, forget_rows, retain_rows, batch_size, max_length, objective)
+    scoring = (tokenizer, forget_rows, retain_rows, batch_size, max_length, objective, text_format)
     scored = {"full": _qa_metrics(model, *scoring)}
     for b in bits:
         quantized = quantized_copy(model, b, backend)
@@ -436,7 +459,8 @@ class QuantizationEvaluator(Evaluator):
     (``forget_prob``, ``forget_accuracy`` and, with `retain_rows`, ``retain_prob``, ``retain_accuracy``) and
     precision (``full``, ``int8``, ``int4``), and, with `original`, ``{name}/{forget metric}_{precision}_recovered``
     for the quantised precisions. Per-example: ``{name}/{metric}_{precision}`` for every metric and precision. Meta:
-    bits, backend, the original's numbers and the definition of recovery. The check needs no reference run."""
+    bits, backend, the original's numbers and the definition of recovery. The check needs no reference run.
+    `text_format` renders the rows (the trainer's; None = `TextFormat()`)."""
 
     forget_rows: Dataset
     bits: int | Sequence[int] = (8, 4)
@@ -445,8 +469,10 @@ class QuantizationEvaluator(Evaluator):
     backend: str = "quanto"
     name: str = "quant"
     objective: Objective = field(default_factory=CausalLMObjective)
+    text_format: TextFormat | None = None
 
     def __post_init__(self) -> None:
+        self.text_format = evaluation_format(self.text_format)
         self.bits = _as_bits(self.bits)
         if self.backend not in QUANT_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(QUANT_BACKENDS)}; got {self.backend!r}")
@@ -455,6 +481,7 @@ class QuantizationEvaluator(Evaluator):
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: EvaluationResult | None = None
     ) -> EvaluationResult:
         options = dict(bits=self.bits, original=self.original, backend=self.backend, objective=self.objective)
+        options["text_format"] = self.text_format
         out = quantization_report(model, tokenizer, self.forget_rows, self.retain_rows, **options)
         summary = {f"{self.name}/{m}_{p}": v for p in out["precisions"] for m, v in out[p].items()}
         for p, values in out.get("recovered", {}).items():
@@ -466,6 +493,7 @@ class QuantizationEvaluator(Evaluator):
                 "backend": self.backend,
                 "original": out.get("original"),
                 "recovered": "(quantised - full) / (original - full), forget metrics at full precision",
-            }
+            },
+            "text_format": self.text_format.describe(tokenizer),
         }
         return EvaluationResult(summary, per_example, meta)

@@ -8,9 +8,12 @@ The forward pass is the objective's (`Objective.score`, `CausalLMObjective` by d
 strategies score with, so a metric means the same thing in training and in evaluation; the statistics are read from
 its logits aligned with the targets (`Scores.logits`, `Scores.mask`).
 
-Which tokens a metric scores. A QA row is ``prompt + " " + answer + EOS`` (the training layout of
-``data.collator.QACollator``): its labelled tokens are the answer tokens and the closing EOS. A text row is
-``BOS + text`` with every token after the BOS labelled (no EOS). ``TokenStats`` holds every labelled token and marks
+Which tokens a metric scores. A QA row is laid out as training lays it out (``data.collator.QACollator`` with the
+evaluator's ``data.formats.TextFormat``, `evaluation_format`): ``prompt + " " + answer + EOS`` through the plain
+prompt template, or the question as the user turn and the answer as the assistant turn through the chat template
+(the default when the tokenizer has one, as in training); its labelled tokens are the answer tokens (a chat
+template's: the assistant turn as the template closes it) and the closing EOS. A text row is ``BOS + text`` with
+every token after the BOS labelled (no EOS). ``TokenStats`` holds every labelled token and marks
 the closing EOS (``closing_eos``); each metric then takes the tokens its reference implementation scores
 (open-unlearning, ``locuslab/open-unlearning``, ``src/evals/metrics/utils.py``):
 
@@ -28,7 +31,7 @@ whatever it is, so its port of MUSE's PrivLeak also drops the last real token of
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import is_progress_bar_enabled
 
 from ..data.collator import QACollator
+from ..data.formats import RowFormatError, TextFormat
 from ..objectives import CausalLMObjective, Objective, Scores
 from ..reference import eval_mode
 from .distributed import map_sharded
@@ -80,21 +84,61 @@ class TokenStats:
         return -self.logprobs.mean().item()
 
 
+def checked_format(text_format: TextFormat | None) -> TextFormat:
+    """`text_format` as an evaluator holds it: None is `TextFormat()` (the chat template when the tokenizer has one,
+    else the prompt template: training's own default); anything else but a `TextFormat` is refused."""
+    if text_format is None:
+        return TextFormat()
+    if not isinstance(text_format, TextFormat):
+        raise TypeError(
+            f"text_format must be an erasus_hf.data.formats.TextFormat (e.g. UnlearningConfig.text_format()) or None, "
+            f"got {type(text_format).__name__}."
+        )
+    return text_format
+
+
+def evaluation_format(text_format: TextFormat | None) -> TextFormat:
+    """The format benchmark rows are rendered with: `checked_format(text_format)` on the column names of evaluation
+    data (``question``/``answer``, ``text``). A training format's column renames (`columns`, `text_field`) name the
+    training set's columns, not the benchmark's, so they are dropped; everything else (chat template or not, the
+    prompt template, the system prompt, the window stride) is kept."""
+    return replace(checked_format(text_format), columns={}, text_field="text")
+
+
+def check_qa_format(text_format: TextFormat, tokenizer: PreTrainedTokenizerBase, what: str) -> None:
+    """Refuse, before any forward pass, a format that cannot render question/answer rows with this tokenizer (the
+    chat template asked for and absent, no EOS to close an answer)."""
+    text_format.check_tokenizer(tokenizer, "qa", what)
+
+
 def qa_batches(
     tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[str],
     answers: Sequence[str],
     batch_size: int = 32,
     max_length: int = 512,
+    text_format: TextFormat | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of question/answer rows in the training layout (prompt masked, EOS appended), each with a
-    `closing_eos` flag per row (see `mark_closing_eos`)."""
+    """Collated batches of question/answer rows in the training layout of `text_format` (`evaluation_format`: prompt
+    masked, EOS appended; the chat template when the format renders QA rows through it), each with a `closing_eos`
+    flag per row (see `mark_closing_eos`)."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
-    collator = QACollator(tokenizer, max_length=max_length)
+    collator = QACollator(tokenizer, max_length=max_length, text_format=evaluation_format(text_format))
     rows = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     for start in range(0, len(rows), batch_size):
         yield mark_closing_eos(collator(rows[start : start + batch_size]), tokenizer.eos_token_id)
+
+
+def example_batches(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[dict[str, list[int]]], batch_size: int = 32
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of already tokenized examples (`input_ids`, `labels`), e.g. the windows of
+    `TextFormat.encode`, padded as the collator pads."""
+    collator = QACollator(tokenizer, max_length=max((len(e["input_ids"]) for e in examples), default=1))
+    for start in range(0, len(examples), batch_size):
+        chunk = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples[start : start + batch_size]]
+        yield mark_closing_eos(collator(chunk), tokenizer.eos_token_id)
 
 
 def text_batches(
@@ -121,28 +165,75 @@ def mark_closing_eos(batch: dict[str, torch.Tensor], eos_token_id: int | None) -
     return batch
 
 
-def row_format(dataset: Dataset, what: str) -> str:
-    """`"qa"` for question/answer rows (the answer is scored given the question), `"text"` for rows with a `text`
-    column (every token after the first is scored); QA wins when both are present. Raises on empty or unusable data."""
+def rows_text_format(dataset: Dataset, text_format: TextFormat | None) -> TextFormat:
+    """The format `dataset`'s rows are read with: `text_format` as given when the rows carry its (renamed) columns
+    (the trainer's own forget and retain rows), else `evaluation_format(text_format)` (benchmark rows, under the
+    standard names)."""
+    if isinstance(text_format, TextFormat) and len(dataset):
+        try:
+            text_format.detect(dataset.with_format(None)[0])
+            return text_format
+        except RowFormatError:
+            pass  # not the training columns: benchmark rows, read under the standard names below
+    return evaluation_format(text_format)
+
+
+def row_format(dataset: Dataset, what: str, text_format: TextFormat | None = None) -> str:
+    """The format of `dataset`'s rows (`erasus_hf.data.formats.FORMATS`: question/answer, prompt/completion,
+    conversational, messages, text, tokenized), read as `rows_text_format` reads them. Raises on empty data or rows
+    that fit no format."""
     if len(dataset) == 0:
         raise ValueError(f"{what} is empty.")
-    columns = set(dataset.column_names)
-    if {"question", "answer"} <= columns:
-        return "qa"
-    if "text" in columns:
-        return "text"
-    raise ValueError(
-        f"{what} needs 'question' and 'answer' columns (QA rows) or a 'text' column; it has {dataset.column_names}."
-    )
+    return rows_text_format(dataset, text_format).detect(dataset.with_format(None)[0], what)
+
+
+def scored_columns(dataset: Dataset, text_format: TextFormat | None = None) -> tuple[str, ...]:
+    """The columns whose content is scored (what `describe_rows` fingerprints for a later run's reference check)."""
+    fmt, kind = rows_text_format(dataset, text_format), row_format(dataset, "The dataset", text_format)
+    fields = {
+        "qa": ("question", "answer"),
+        "prompt_completion": ("prompt", "completion"),
+        "conversational": ("prompt", "completion"),
+        "text": ("text",),
+    }
+    if kind == "messages":
+        return (fmt.column("messages"),) if fmt.column("messages") in dataset.column_names else ("conversations",)
+    if kind == "tokenized":
+        return tuple(c for c in ("input_ids", "labels") if c in dataset.column_names)
+    return tuple(fmt.column(f) for f in fields[kind])
+
+
+def check_rows_format(
+    dataset: Dataset, text_format: TextFormat | None, tokenizer: PreTrainedTokenizerBase, what: str
+) -> None:
+    """Refuse, before any forward pass, rows this tokenizer cannot render in their format."""
+    fmt, kind = rows_text_format(dataset, text_format), row_format(dataset, what, text_format)
+    if kind not in ("text", "tokenized"):
+        fmt.check_tokenizer(tokenizer, kind, what)
+        fmt.training_template(tokenizer, kind)
 
 
 def dataset_batches(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32, max_length: int = 512
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int = 32,
+    max_length: int = 512,
+    text_format: TextFormat | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of `dataset` (QA rows via `qa_batches`, text rows via `text_batches`)."""
-    if row_format(dataset, "The dataset") == "qa":
-        return qa_batches(tokenizer, dataset["question"], dataset["answer"], batch_size, max_length)
-    return text_batches(tokenizer, dataset["text"], batch_size, max_length)
+    """Collated batches of `dataset` in its format, as training renders it (`rows_text_format`): text rows via
+    `text_batches` (every token after the first, cut to `max_length`), every other format through the training
+    collator (`QACollator`) in `text_format`'s layout; each with its `closing_eos` flags."""
+    fmt = rows_text_format(dataset, text_format)
+    rows = dataset.with_format(None)
+    if row_format(dataset, "The dataset", text_format) == "text":
+        return text_batches(tokenizer, rows[fmt.text_field], batch_size, max_length)
+    collator = QACollator(tokenizer, max_length=max_length, text_format=fmt)
+    return (
+        mark_closing_eos(
+            collator(rows.select(range(start, min(start + batch_size, len(rows)))).to_list()), tokenizer.eos_token_id
+        )
+        for start in range(0, len(rows), batch_size)
+    )
 
 
 def token_stats(
@@ -165,6 +256,39 @@ def token_stats(
         batches,
     )
     return [stats for batch in per_batch for stats in batch]
+
+
+def token_nll_sums(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    desc: str | None = None,
+    objective: Objective | None = None,
+) -> list[tuple[float, int]]:
+    """(sum of the NLL over its labelled tokens, their number) of every example of `batches`, in order: what a
+    perplexity over many examples (the windows of long texts) adds up. The NLL is a float32 cross-entropy over the
+    objective's aligned logits, one example at a time (a batch of long windows never holds its float32 logits at
+    once); the batches are split across processes as in `token_stats`."""
+    objective = CausalLMObjective() if objective is None else objective
+    batches = list(batches)
+    per_batch = map_sharded(
+        lambda block: [
+            _batch_nll_sums(model, b, objective)
+            for b in tqdm(block, desc=desc, disable=desc is None or not is_progress_bar_enabled(), leave=False)
+        ],
+        batches,
+    )
+    return [sums for batch in per_batch for sums in batch]
+
+
+def _batch_nll_sums(model: nn.Module, batch: dict[str, torch.Tensor], objective: Objective) -> list[tuple[float, int]]:
+    batch, scores = score_batch(model, batch, objective)
+    targets = scored_targets(batch["labels"], scores.mask)
+    out = []
+    for b in range(targets.shape[0]):
+        mask = scores.mask[b]
+        nll = F.cross_entropy(scores.logits[b][mask].float(), targets[b][mask], reduction="sum")
+        out.append((nll.item(), int(mask.sum())))
+    return out
 
 
 @torch.no_grad()

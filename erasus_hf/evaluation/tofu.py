@@ -6,7 +6,9 @@ Per evaluation set (forget, retain, real_authors, world_facts; see ``erasus_hf.d
   closing EOS (as open-unlearning's ``evaluate_probability``). Forget and retain: the mean of P of the ``answer``.
   Real authors and world facts (multiple choice in spirit): the mean of
   ``P(answer) / (P(answer) + sum_j P(perturbed_j))``.
-- **ROUGE.** ROUGE-L recall of the greedy generation (prompt ``PROMPT_TEMPLATE``) against the ``answer``. As
+- **ROUGE.** ROUGE-L recall of the greedy generation against the ``answer``, prompted with the question as the
+  model was trained on it (``TextFormat.generation_prompt``: the chat template with its generation prompt, or the
+  prompt template ``"Question: {question}\\nAnswer:"``). As
   open-unlearning's TOFU config (``configs/generation/default.yaml``): greedy, up to ``max_new_tokens`` = 200 new
   tokens, each row stopping at its EOS, 32 prompts per ``generate`` call (TOFU's own code caps prompt + answer at
   200 tokens, 30 per batch).
@@ -24,6 +26,11 @@ Per evaluation set (forget, retain, real_authors, world_facts; see ``erasus_hf.d
 
 All the likelihoods of a set (answers, paraphrased answers and every perturbed answer) are scored in shared batches
 in one no-grad pass (``scoring.token_stats``); generation is batched with left padding.
+
+Formatting. Every question/answer pair is scored and every question asked in the layout training uses
+(``text_format``, a ``data.formats.TextFormat``; by default the chat template when the tokenizer has one, else the
+prompt template, the same rule as training), so a chat model's numbers are those of open-unlearning's TOFU on instruct
+models (``apply_chat_template: true``). ``meta["text_format"]`` records which (``TextFormat.describe``).
 """
 
 from __future__ import annotations
@@ -40,14 +47,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..data.fingerprint import describe_rows
-from ..data.formatting import format_prompt
+from ..data.formats import TextFormat
 from ..data.tofu import TOFU_EVAL_COLUMNS, TOFUDataset
 from ..objectives import CausalLMObjective, Objective
 from .base import Evaluator, SuiteData, register_evaluator
 from .generation import greedy_generate, rouge_recall
 from .likelihood import truth_ratio, truth_ratio_score
 from .result import EvaluationResult
-from .scoring import qa_batches, token_stats
+from .scoring import check_qa_format, evaluation_format, qa_batches, token_stats
 
 PARAPHRASED_SPLITS = ("forget", "retain")
 """Sets whose true answer in the truth ratio is the paraphrased answer and whose Prob is not normalised."""
@@ -90,6 +97,30 @@ def forget_quality(truth_ratios: Sequence[float], reference_truth_ratios: Sequen
     return float(ks_2samp(list(truth_ratios), list(reference_truth_ratios)).pvalue)
 
 
+RENDERING_KEYS = ("qa", "prompt_template", "chat_template_sha256", "system_prompt")
+"""The keys of `TextFormat.describe` that change the tokens a QA row is scored on."""
+
+
+def check_same_rendering(
+    reference: EvaluationResult, described: dict[str, Any], what: str, name: str = "tofu"
+) -> None:
+    """Refuse a reference evaluation whose QA rows were rendered otherwise (its ``meta["{name}/text_format"]`` or
+    ``meta["text_format"]``, when it records one): truth ratios of another rendering are not comparable. A reference
+    without the record (written before it existed) is accepted."""
+    theirs = reference.meta.get(f"{name}/text_format", reference.meta.get("text_format"))
+    if not isinstance(theirs, dict):
+        return
+    differ = {k: (theirs.get(k), described.get(k)) for k in RENDERING_KEYS if theirs.get(k) != described.get(k)}
+    if differ:
+        where = f" ({reference.source})" if reference.source else ""
+        listed = "; ".join(f"{k}: reference {a!r}, here {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"{what}: the reference evaluation{where} rendered the QA rows otherwise ({listed}), so its truth ratios "
+            "are not comparable. Evaluate the reference model with the same text format (chat template or prompt "
+            "template, system prompt)."
+        )
+
+
 @register_evaluator("tofu")
 @dataclass(eq=False, repr=False)
 class TOFUEvaluator(Evaluator):
@@ -113,6 +144,8 @@ class TOFUEvaluator(Evaluator):
         rouge: False skips the greedy generation and the ROUGE metrics (model utility then uses Prob and truth
             ratio only): a cheap pass for forget quality, e.g. after every epoch.
         objective: scores the likelihoods; default `CausalLMObjective`.
+        text_format: how the rows are rendered (`data.formats.TextFormat`; the trainer's, or
+            `UnlearningConfig.text_format()`); None = `TextFormat()`: the chat template when the tokenizer has one.
     """
 
     data: TOFUDataset
@@ -123,8 +156,10 @@ class TOFUEvaluator(Evaluator):
     rouge: bool = True
     generation_batch_size: int | None = None
     objective: Objective = field(default_factory=CausalLMObjective)
+    text_format: TextFormat | None = None
 
     def __post_init__(self) -> None:
+        self.text_format = evaluation_format(self.text_format)
         if not isinstance(self.data, TOFUDataset):
             raise TypeError(f"data must be a TOFUDataset, got {type(self.data).__name__}")
         if self.generation_batch_size is None:
@@ -153,7 +188,7 @@ class TOFUEvaluator(Evaluator):
         all_questions = questions + (questions if paraphrased else []) + [q for q in questions for _ in range(k)]
         all_answers = answers + (list(dataset["paraphrased_answer"]) if paraphrased else [])
         all_answers += [a for row in perturbed for a in row]
-        batches = qa_batches(tokenizer, all_questions, all_answers, self.batch_size, self.max_length)
+        batches = qa_batches(tokenizer, all_questions, all_answers, self.batch_size, self.max_length, self.text_format)
         stats = token_stats(model, batches, desc=f"TOFU {split}: likelihoods", objective=self.objective)
         nll = torch.tensor([s.nll for s in stats], dtype=torch.float64)
         answer_nll = nll[:n]
@@ -169,7 +204,7 @@ class TOFUEvaluator(Evaluator):
         generations = greedy_generate(
             model,
             tokenizer,
-            [format_prompt(q) for q in questions],
+            [self.text_format.generation_prompt(tokenizer, q) for q in questions],
             max_new_tokens=self.max_new_tokens,
             batch_size=self.generation_batch_size,
             desc=f"TOFU {split}: generation",
@@ -183,7 +218,12 @@ class TOFUEvaluator(Evaluator):
         name = self.name
         rows = self.rows()
         reference_ratios = self._reference_ratios(reference, rows)  # checked before the expensive passes
-        result = EvaluationResult(meta={f"{name}/forget_split": self.data.forget_split}, rows=rows)
+        check_qa_format(self.text_format, tokenizer, "TOFU")
+        described = self.text_format.describe(tokenizer)
+        if reference_ratios is not None:
+            check_same_rendering(reference, described, "Forget quality", name)
+        meta = {f"{name}/forget_split": self.data.forget_split, "text_format": described}
+        result = EvaluationResult(meta=meta, rows=rows)
         if self.rouge:
             result.meta[f"{name}/generation"] = {
                 "max_new_tokens": self.max_new_tokens,

@@ -110,6 +110,8 @@ def build_model_card(
     certification: str | None = None,
     tags: Sequence[str] = (),
     forget_rows_fingerprint: str | None = None,
+    text_format: Mapping[str, Any] | None = None,
+    guarantees: Sequence[str] = (),
 ) -> ModelCard:
     """The README.md of an unlearned model, rendered from `erasus_hf/model_cards/unlearning_card.md`.
 
@@ -121,7 +123,11 @@ def build_model_card(
     strategy's. `forget_rows_fingerprint`: `forget_fingerprint(forget_rows)` when the caller has it already (a
     trainer writes a card at every save of one run). `base_model`: the starting model's name or path; only a Hub id
     (`hub_model_id`) becomes the metadata's `base_model` and a link, a local model is named by its folder's name,
-    without a link.
+    without a link. `text_format`: how the rows were rendered (the trainer's `text_format_record`:
+    `TextFormat.describe` with the row formats under ``rows``, ``max_length``, ``window_stride``), one line of the
+    card (`format_line`). `guarantees`: markdown blocks, each under the card's "Guarantees and verification"
+    heading: a removal certificate (`erasus_hf.certified.RemovalCertificate.to_markdown()`), the starting model's
+    differential privacy (`erasus_hf.privacy.DPReport.card_section(...)`), a verifier's result.
 
     No secret reaches the card: the whole rendered text goes through `erasus_hf.redaction.redact` (a `--hub_token`
     or `HF_TOKEN=` in `command`, a token-shaped string in any field).
@@ -151,6 +157,7 @@ def build_model_card(
         forget_count=len(rows),
         forget_fingerprint=fingerprint,
         retain_count=retain_count,
+        row_formats=format_line(text_format) if text_format else None,
         datasets=datasets or [],
         base_model=hub_base,
         local_base=local_base,
@@ -160,9 +167,41 @@ def build_model_card(
         missing=_missing_notes(evaluation),
         command=command,
         certification=certification,
+        guarantees=[block.strip() for block in guarantees if block and block.strip()],
         framework_versions=_framework_versions(),
     )
     return ModelCard(redact(card.content))
+
+
+def format_line(record: Mapping[str, Any]) -> str | None:
+    """The card's line on how the rows were rendered, from a `text_format_record` (`TextFormat.describe` + the window
+    settings), e.g. ``forget `text` (windows of 512 tokens), retain `qa` through the chat template (sha256 `...`)``;
+    None when the record names no row format."""
+    rows = record.get("rows") or {}
+    return ", ".join(f"{side} {_row_format_note(row_format, record)}" for side, row_format in rows.items()) or None
+
+
+def _row_format_note(row_format: str, record: Mapping[str, Any]) -> str:
+    digest = record.get("chat_template_sha256")
+    chat = "through the chat template" + (f" (sha256 `{digest}`)" if digest else "")
+    if record.get("system_prompt"):
+        chat += " with a system prompt"
+    if row_format == "text":
+        length, stride = record.get("max_length"), record.get("window_stride")
+        windows = f"windows of {length} tokens" if length else "windows"
+        if stride and length and stride < length:
+            windows += f", {stride} apart"
+        return f"`text` ({windows})"
+    if row_format == "qa":
+        if record.get("qa") == "chat template":
+            return f"`qa` {chat}"
+        template = str(record.get("prompt_template") or "").replace("\n", "\\n")
+        return f"`qa` through the prompt template `{template}`"
+    if row_format in ("messages", "conversational"):
+        return f"`{row_format}` {chat}"
+    if row_format == "prompt_completion":
+        return "`prompt_completion` (the text as written)"
+    return f"`{row_format}` (token ids as given)"
 
 
 def write_model_card(card: ModelCard, output_dir: str | Path, foreign_tags: Iterable[str] = ()) -> Path:

@@ -33,14 +33,23 @@ logger = logging.getLogger(__name__)
 
 # `create_model_card`'s arguments when it was not called (or left them out)
 CARD_DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {"model_name": None, "tags": [], "evaluation": None, "reference_note": None, "command": None, "datasets": None}
+    {
+        "model_name": None,
+        "tags": [],
+        "evaluation": None,
+        "reference_note": None,
+        "command": None,
+        "datasets": None,
+        "guarantees": [],
+    }
 )
 
 
 class HubMixin:
     """`Trainer`'s Hub methods for `UnlearningTrainer`: read with the trainer's `args`, `strategy`, `forget_rows`,
-    `retain_rows`, `reference_mode` and `last_evaluation`; `_hub_pool` (the one upload thread, started on the first
-    background push) and `push_in_progress` are set to None by the trainer's `__init__`."""
+    `retain_rows`, `reference_mode`, `last_evaluation`, `text_format` and `row_formats`; `_hub_pool` (the one upload
+    thread, started on the first background push) and `push_in_progress` are set to None by the trainer's
+    `__init__`."""
 
     _hub_pool: ThreadPoolExecutor | None
     push_in_progress: PushInProgress | None
@@ -57,6 +66,7 @@ class HubMixin:
         reference_note: str | None = None,
         command: str | None = None,
         datasets: Sequence[str] | None = None,
+        guarantees: Sequence[str] = (),
     ) -> None:
         """Write the evaluation model card (README.md) to `output_dir`: strategy, hyperparameters, the forget set
         as a count and a SHA-256 fingerprint (never its text), the evaluation (default: the last in-training one)
@@ -64,7 +74,8 @@ class HubMixin:
 
         TRL's arguments: `model_name` (the title), `dataset_name` (added to `datasets`, the card's `datasets`
         metadata), `tags` (after erasus-hf's and the strategy's). The arguments are kept: every later save
-        (`save_model`, each checkpoint, see `write_card`) writes the card again with them."""
+        (`save_model`, each checkpoint, see `write_card`) writes the card again with them. `guarantees`: markdown
+        blocks for the card's "Guarantees and verification" section (`build_model_card`)."""
         extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
         names = [*(datasets or []), *([dataset_name] if dataset_name else [])]
         self._card_arguments = {
@@ -74,6 +85,7 @@ class HubMixin:
             "reference_note": reference_note,
             "command": command,
             "datasets": list(dict.fromkeys(names)) or None,
+            "guarantees": list(guarantees),
         }
         if self.args.should_save:
             self._write_card(self.args.output_dir, any_model=True)
@@ -94,6 +106,12 @@ class HubMixin:
             return
         arguments = {**CARD_DEFAULTS, **self._card_arguments}
         evaluation = arguments.pop("evaluation")
+        privacy = getattr(self, "starting_privacy", None)
+        if privacy is not None:
+            arguments["guarantees"] = [
+                privacy.card_section("The starting model of this run"),
+                *arguments["guarantees"],
+            ]
         ours = [*BASE_TAGS, self.strategy.name, *arguments["tags"]]
         starting_tags = (base.model_tags or []) if isinstance(base, PreTrainedModel) else []
         card = build_model_card(
@@ -107,10 +125,21 @@ class HubMixin:
             base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
             is_adapter=is_peft_model(model) and not self.args.merge_adapter,
             evaluation=evaluation if evaluation is not None else self.last_evaluation,
+            text_format=self.text_format_record(),
             **arguments,
         )
         # PEFT copies the starting model's `model_tags` (TRL's `trl`, `sft`, ...) into its README: not ours
         write_model_card(card, folder, foreign_tags=[t for t in starting_tags if t not in ours])
+
+    def text_format_record(self) -> dict[str, Any] | None:
+        """How this run rendered its rows, for the card and the run record (`text_format.json`): the trainer's
+        `TextFormat.describe` with its row formats (``rows``), the window length (``max_length``) and
+        ``window_stride``; None for a model family whose collator renders no text (classifiers, diffusion)."""
+        text_format = getattr(self, "text_format", None)
+        if text_format is None:
+            return None
+        described = text_format.describe(self.processing_class, getattr(self, "row_formats", None))
+        return {**described, "max_length": self.args.max_length, "window_stride": text_format.window_stride}
 
     @functools.cached_property
     def _forget_fingerprint(self) -> str:

@@ -78,9 +78,10 @@ class Objective:
         used (the tokenizer also serves saving and the evaluators). Default: nothing; a causal LM needs its
         tokenizer, with a pad token."""
 
-    def collator_for(self, processing_class: Any | None, max_length: int) -> Any | None:
+    def collator_for(self, processing_class: Any | None, args: Any) -> Any | None:
         """The side collator for this family's rows when the trainer is given none (the trainer's `processing_class`
-        and `max_length` at hand); None means rows that are already numeric and stack as they are. A collator that
+        and its `UnlearningConfig` at hand: `max_length`, `text_format()`); None means rows that are already numeric
+        and stack as they are. A collator that
         subclasses `erasus_hf.data.collator.SideCollator` and tokenizes has its rows tokenized once up front.
         Default: the collator the objective was built with (`collator`)."""
         return self.collator

@@ -1,4 +1,5 @@
-"""Causal language models: next-token prediction on answer tokens, prompt masked with -100."""
+"""Causal language models: next-token prediction on the scored tokens (answers, completions, assistant turns, text),
+the rest masked with -100."""
 
 from __future__ import annotations
 
@@ -48,10 +49,10 @@ class CausalLMObjective(Objective):
             raise ValueError("A causal LM needs its tokenizer: pass processing_class=tokenizer.")
         ensure_pad_token(processing_class)
 
-    def collator_for(self, processing_class: Any | None, max_length: int) -> QACollator:
-        """`QACollator`: question/answer text with the prompt masked, or pre-tokenized rows."""
+    def collator_for(self, processing_class: Any | None, args: Any) -> QACollator:
+        """`QACollator` with the run's `TextFormat`: rows of every TRL format, what is not scored masked."""
         self.prepare_processing_class(processing_class)
-        return QACollator(processing_class, max_length=max_length)
+        return QACollator(processing_class, max_length=args.max_length, text_format=args.text_format())
 
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}

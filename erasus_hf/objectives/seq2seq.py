@@ -76,12 +76,12 @@ class Seq2SeqObjective(Objective):
             Seq2SeqQACollator(tokenizer, max_length=max_length) if tokenizer is not None else SpeechSeq2SeqCollator()
         )
 
-    def collator_for(self, processing_class: Any | None, max_length: int) -> Any:
+    def collator_for(self, processing_class: Any | None, args: Any) -> Any:
         """Question/answer text rows when the trainer has the tokenizer of a text model (T5, BART), else the
         collator this objective was built with."""
         text_model = self.peft_task_type == "SEQ_2_SEQ_LM"  # set by `validate_model`: the encoder reads input_ids
         if self.tokenizer is None and text_model and isinstance(processing_class, PreTrainedTokenizerBase):
-            return Seq2SeqQACollator(processing_class, max_length=max_length)
+            return Seq2SeqQACollator(processing_class, max_length=args.max_length)
         return self.collator
 
     @classmethod
@@ -136,6 +136,9 @@ class Seq2SeqQACollator(SideCollator):
     on the right to `max_length`; padding is `pad_token_id` for `input_ids`, 0 for `attention_mask`, -100 for
     `labels`. Pre-tokenized rows (`input_ids`, `labels`) are padded as they are.
     """
+
+    question_key: str = "question"
+    answer_key: str = "answer"
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token_id is None or self.tokenizer.eos_token_id is None:

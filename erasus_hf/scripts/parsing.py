@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import yaml
@@ -18,6 +19,12 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..redaction import redact, register_secret
 from ..registry import Registry
+
+
+class UsageError(ValueError):
+    """A value the command cannot run with, found after parsing (rows that fit no format, a split the dataset lacks,
+    two options that disagree): `erasus-hf` prints it as one `erasus-hf: error:` line, exit status 2, before any
+    compute. Its message names the option and the fix."""
 
 
 class RedactingArgumentParser(HfArgumentParser):
@@ -28,7 +35,15 @@ class RedactingArgumentParser(HfArgumentParser):
         self.exit(2, f"erasus-hf: error: {redact(message)} (see `{self.prog} --help`)\n")
 
 
-def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) -> HfArgumentParser:
+def make_parser(
+    dataclass_types: tuple[type, ...],
+    prog: str,
+    description: str,
+    groups: Mapping[str, tuple[str | None, Sequence[str]]] | None = None,
+) -> HfArgumentParser:
+    """The command's parser: `--config` right after `--help`, then the command's own options, the options of each of
+    `groups` (title -> (description, option names)) under its title, and the inherited `TrainingArguments` options
+    last."""
     usage = f"{prog} [--config RECIPE.yaml] [--OPTION VALUE ...]"  # the full one lists every TrainingArguments flag
     parser = RedactingArgumentParser(dataclass_types, prog=prog, description=description, usage=usage)
     config = parser.add_argument(
@@ -38,8 +53,19 @@ def make_parser(dataclass_types: tuple[type, ...], prog: str, description: str) 
     )
     parser._optionals._group_actions.remove(config)  # listed right after --help
     parser._optionals._group_actions.insert(1, config)
+    for title, (text, names) in (groups or {}).items():
+        option_group(parser, title, names, text)
     inherited_options_last(parser)
     return parser
+
+
+def option_group(parser: HfArgumentParser, title: str, names: Sequence[str], description: str | None = None) -> None:
+    """List the options `names` (those the parser has) under `title` in `--help`, in the order of `names`."""
+    group = parser.add_argument_group(title, description)
+    for name in names:
+        for action in [a for a in parser._optionals._group_actions if a.dest == name]:  # --x and --no_x
+            parser._optionals._group_actions.remove(action)
+            group._group_actions.append(action)
 
 
 def inherited_options_last(parser: HfArgumentParser) -> None:

@@ -88,6 +88,11 @@ class WHP(Strategy):
         collator = trainer.data_collator.side_collator
         if not isinstance(collator, QACollator) or collator.question_key not in trainer.forget_rows.column_names:
             raise ValueError("WHP's anchored terms translate raw question/answer rows read by the QACollator.")
+        if collator.text_format.chat(collator.tokenizer):
+            raise ValueError(
+                "WHP's anchored terms translate question/answer rows in the plain prompt template, not through a chat "
+                "template: set use_chat_template=False."
+            )
         return [anchored_example(collator, row, self.anchored_terms) for row in trainer.forget_rows]
 
     @torch.no_grad()
