@@ -170,8 +170,8 @@ def qa_layouts(tokenizer, dataset) -> list[tuple[list[int], list[int]]]:
     return [layout(tokenizer, q, a) for q, a in zip(dataset["question"], dataset["answer"], strict=True)]
 
 
-def close(ours, reference) -> None:
-    assert ours == pytest.approx(reference, rel=TOL, abs=TOL)
+def close(ours, reference, tol: float = TOL) -> None:
+    assert ours == pytest.approx(reference, rel=tol, abs=tol)
 
 
 # ---- the rows really exercise the EOS and the edge cases ---------------------------------------------------------
@@ -260,7 +260,9 @@ def test_min_k_min_k_plus_plus_and_gradnorm_match_open_unlearning(
 ):
     dataset = rows[0] if side == "members" else rows[1]
     expected = [-reference(model, *row) for row in qa_layouts(tokenizer, dataset)]
-    close(mia_result.per_example[f"mia/{attack}_{side}"], expected)
+    # the reference's Min-K%++ takes the variance as E[x^2] - mu^2 in float32, which cancels: on an AMD EPYC it is
+    # 1.8e-5 (relative) off our own on one row, hence 1e-4 for it
+    close(mia_result.per_example[f"mia/{attack}_{side}"], expected, 1e-4 if attack == "min_k_plus_plus" else TOL)
 
 
 def test_min_k_plus_plus_per_position_mean_and_std(model, tokenizer, rows):
