@@ -104,3 +104,28 @@ def test_verify_command_refuses_bad_input_before_loading_a_model(files, tokenize
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err, extra
     assert not files["output"].exists()
+
+
+def test_verify_adds_its_result_to_the_models_card_once(files):
+    """A model folder holding an erasus-hf card gets the verification under "Guarantees and verification"; a second
+    verification replaces the first; --no_update_card leaves the card as it is."""
+    from huggingface_hub import ModelCard
+
+    from erasus_hf.hub.card import build_model_card, write_model_card
+
+    card = build_model_card(
+        strategy_name="npo", paper="p", hyperparameters={}, training_args={}, forget_rows=[{"q": 1}], retain_count=0,
+        base_model=None, is_adapter=False, evaluation=None, reference_note=None, command=None, datasets=None,
+        model_name=None,
+    )  # fmt: skip
+    write_model_card(card, files["model"])
+    extra = ["--retrained", str(files["retrained"])]
+    for _ in range(2):
+        assert verify_script.main(argv(files, *extra)) == 0
+    text = ModelCard.load(files["model"] / "README.md").text
+    section = text.split("## Guarantees and verification", 1)[1].split("## Limitations", 1)[0]
+    assert section.count("### Unlearning verification") == 1 and "| `mia_auc/loss` |" in section
+    assert text.count("## Guarantees and verification") == 1
+    before = (files["model"] / "README.md").read_text()
+    assert verify_script.main(argv(files, *extra, "--no_update_card")) == 0
+    assert (files["model"] / "README.md").read_text() == before

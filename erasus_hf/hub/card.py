@@ -204,6 +204,44 @@ def _row_format_note(row_format: str, record: Mapping[str, Any]) -> str:
     return f"`{row_format}` (token ids as given)"
 
 
+GUARANTEES_HEADING = "## Guarantees and verification"
+
+
+def add_card_section(folder: str | Path, block: str, key: str) -> Path | None:
+    """Put the markdown `block` under the "Guarantees and verification" heading of the erasus-hf card in `folder`
+    (README.md), replacing an earlier block of the same `key` (e.g. ``"verify"``: a new verification of the same
+    model replaces the last one), and return the card's path; None when `folder` holds no erasus-hf card (nothing is
+    written). The heading is added before "Limitations" when the card has none; the file is replaced in one rename.
+    """
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return None
+    card = ModelCard.load(path)
+    if "## Limitations" not in card.text:
+        return None
+    begin, end = f"<!-- erasus-hf {key} -->", f"<!-- /erasus-hf {key} -->"
+    text = card.content
+    if begin in text and end in text:  # the earlier block of this key goes
+        head, rest = text.split(begin, 1)
+        text = head.rstrip("\n") + "\n\n" + rest.split(end, 1)[1].lstrip("\n")
+    marked = f"{begin}\n{block.strip()}\n{end}\n\n"
+    if GUARANTEES_HEADING in text:
+        head, rest = text.split(GUARANTEES_HEADING, 1)
+        text = f"{head}{GUARANTEES_HEADING}\n\n{marked}{rest.lstrip(chr(10))}"
+    else:
+        head, rest = text.split("## Limitations", 1)
+        text = f"{head}{GUARANTEES_HEADING}\n\n{marked}## Limitations{rest}"
+    handle, partial = tempfile.mkstemp(prefix=".README.md.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        ModelCard(redact(text)).save(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
 def write_model_card(card: ModelCard, output_dir: str | Path, foreign_tags: Iterable[str] = ()) -> Path:
     """Write `card` as `output_dir/README.md` and return its path.
 

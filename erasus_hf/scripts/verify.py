@@ -25,6 +25,7 @@ from torch import nn
 
 from ..data.loading import DataSource
 from ..evaluation.result import EvaluationResult
+from ..hub.card import add_card_section
 from ..model_source import check_model_source
 from ..modeling.loading import load_model
 from ..verification.lira import ReferenceModel
@@ -132,6 +133,13 @@ class VerifyArguments:
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Resamples of every bootstrap interval."})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstraps and the random splits."})
     output: str = field(default="verification.json", metadata={"help": "Where the verification JSON goes."})
+    update_card: bool = field(
+        default=True,
+        metadata={
+            "help": "When --model is a folder holding an erasus-hf model card (README.md), add the result to it under "
+            "'Guarantees and verification' (a later verification replaces it). --no_update_card leaves it."
+        },
+    )
     base_model: str | None = field(
         default=None, metadata={"help": "Base model of an adapter (default: the adapter config's base model)."}
     )
@@ -258,7 +266,10 @@ def run_verify(args: VerifyArguments, formats: Any = None) -> VerificationResult
         }
     )
     result.save(args.output)
+    card = add_card_section(args.model, result.describe(), key="verify") if args.update_card else None
     print(result.describe())
+    if card is not None:
+        print(f"added to the model card {card}")
     return result
 
 
