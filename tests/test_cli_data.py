@@ -263,7 +263,7 @@ def test_evaluate_scores_any_rows_as_unlearn_trained_them(tmp_path, saved_model,
 @pytest.mark.skipif(shared_muse_dir() is None, reason="../shared/data/muse/news is not beside the checkout")
 def test_the_offline_muse_recipe_runs(tmp_path):
     recipe = yaml.safe_load(MUSE_RECIPE.read_text())
-    assert (ROOT / recipe["data_dir"]).resolve() == shared_muse_dir()  # its path, from the repository root
+    assert (ROOT / recipe["data_dir"]).resolve() == shared_muse_dir().resolve()  # its path, from the repository root
     out = tmp_path / "out"
     argv = ["unlearn", "--config", str(MUSE_RECIPE), "--data_dir", str(shared_muse_dir()), "--output_dir", str(out),
             "--starting_model_epochs", "3", "--max_steps", "2", "--eval_max_examples", "4", "--use_cpu",
