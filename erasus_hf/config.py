@@ -12,6 +12,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .coresets.selection import CORESET_BUDGETS, CORESET_SIDES, check_coreset_options
+from .coresets.selectors import feature_kind, get_selector
 from .data.formats import TextFormat
 from .data.formatting import PROMPT_TEMPLATE
 from .redaction import redact, redact_json, register_secret
@@ -158,6 +160,36 @@ class UnlearningConfig(TrainingArguments):
             "length (no overlap). Overlapped tokens are scored once."
         },
     )
+    coreset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train on a coreset of one side: a selector name (random, herding, k_center, kmeans, "
+            "facility_location, loss, gradient_norm, forget_similar, upcore; erasus_hf.coresets). None: every row."
+        },
+    )
+    coreset_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of the side's examples the coreset keeps, in (0, 1]."}
+    )
+    coreset_side: str = field(
+        default="retain", metadata={"help": "Which side the coreset reduces: 'retain', 'forget' or 'both'."}
+    )
+    coreset_features: str = field(
+        default="auto",
+        metadata={
+            "help": "What the geometric selectors read: 'auto' (the selector's own: hidden-state embeddings), "
+            "'embeddings' or 'gradients' (per-example gradients on the trainable parameters, sketched)."
+        },
+    )
+    coreset_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": 'The selector\'s options as a dict or JSON (e.g. \'{"score": "el2n"}\').'}
+    )
+    coreset_budget: str = field(
+        default="steps",
+        metadata={
+            "help": "A forget coreset trains for 'steps': the optimizer steps of the full forget set (Pal et al. "
+            "2025), or 'epochs': num_train_epochs over the coreset (fewer steps). A max_steps you set is kept."
+        },
+    )
     pairing_seed: int | None = field(
         default=None, metadata={"help": "Seed of the retain-partner draw (defaults to `seed`)."}
     )
@@ -189,6 +221,8 @@ class UnlearningConfig(TrainingArguments):
         super().__post_init__()
         self.strategy_kwargs = _json_dict(self.strategy_kwargs, "strategy_kwargs")
         self.dataset_columns = _json_dict(self.dataset_columns, "dataset_columns")
+        self.coreset_kwargs = _json_dict(self.coreset_kwargs, "coreset_kwargs")
+        self._check_coreset()
         self.text_format()  # the formatting options are checked now
         self._check_model_init_kwargs()
         if self.retain_loss not in RETAIN_LOSSES:
@@ -255,6 +289,24 @@ class UnlearningConfig(TrainingArguments):
                 )
             kwargs["quantization_config"] = quantization.to_dict()
         self.model_init_kwargs = kwargs
+
+    def _check_coreset(self) -> None:
+        """The coreset options, checked before any model or data is read (the selector is built: unknown names and
+        options fail here)."""
+        if self.coreset is None:
+            return
+        selector = get_selector(self.coreset, **self.coreset_kwargs)
+        if not (_finite(self.coreset_fraction) and 0 < self.coreset_fraction <= 1):
+            raise ValueError(
+                f"coreset_fraction must be a number in (0, 1] (the fraction of rows kept), got "
+                f"{self.coreset_fraction!r}."
+            )
+        if self.coreset_side not in CORESET_SIDES:
+            raise ValueError(f"coreset_side must be one of {CORESET_SIDES}, got {self.coreset_side!r}")
+        if self.coreset_budget not in CORESET_BUDGETS:
+            raise ValueError(f"coreset_budget must be one of {CORESET_BUDGETS}, got {self.coreset_budget!r}")
+        feature_kind(selector, self.coreset_features)
+        check_coreset_options(selector, self.coreset_side, has_retain=True)
 
     def _check_divergence_factor(self) -> None:
         if self.divergence_factor == 0:

@@ -132,12 +132,14 @@ def write_run_record(
     config_json: str,
     strategy: Mapping[str, Any],
     text_format: Mapping[str, Any] | None = None,
+    coreset: Mapping[str, Any] | None = None,
 ) -> None:
     """What a run's folder holds beside its weights: the tokenizer (or processor) when there is one, the run's
     arguments as `unlearning_config.json`, the strategy (name, paper, hyperparameters) as `strategy.json` and, for
     a run on text rows, how they were rendered as `text_format.json` (`text_format`: `TextFormat.describe` with the
-    row formats under ``rows``; written as ``{"row_formats": ..., "text_format": ...}``), each with every known
-    secret redacted."""
+    row formats under ``rows``; written as ``{"row_formats": ..., "text_format": ...}``) and, for a run on a
+    coreset, which examples it kept as `coreset.json` (`CoresetReport.to_dict`), each with every known secret
+    redacted."""
     if processing_class is not None:
         processing_class.save_pretrained(folder)
     with open(os.path.join(folder, "unlearning_config.json"), "w") as f:
@@ -148,6 +150,9 @@ def write_run_record(
         record = {"row_formats": dict(text_format.get("rows") or {}), "text_format": dict(text_format)}
         with open(os.path.join(folder, TEXT_FORMAT_RECORD), "w") as f:
             json.dump(redact_json(record), f)
+    if coreset is not None:
+        with open(os.path.join(folder, "coreset.json"), "w") as f:
+            json.dump(redact_json(dict(coreset)), f)
 
 
 def non_finite_tensors(folder: str) -> list[str]:

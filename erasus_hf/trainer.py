@@ -9,6 +9,7 @@ writes a save completely or not at all, `erasus_hf.resume` carries the run's own
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import warnings
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_utils import TrainOutput
 
 from .config import UnlearningConfig, as_unlearning_config
+from .coresets import CoresetReport, apply_coreset
 from .data.collator import NestedCollator, QACollator, default_side_collator
 from .data.formats import chat_template_of
 from .data.pairing import ForgetRetainDataset, PairingEpochCallback
@@ -174,6 +176,12 @@ class UnlearningTrainer(HubMixin, Trainer):
         # e.g. {"forget": "text", "retain": "qa"}: recorded in the card and the evaluation's meta
         self.row_formats = {k: v for k, v in (("forget", forget_format), ("retain", retain_format)) if v is not None}
         self.text_format = side_collator.text_format if isinstance(side_collator, QACollator) else None
+        self.coreset: CoresetReport | None = None
+        if args.coreset is not None:  # before the reference: a cached reference scores the kept rows only
+            forget, retain, self.coreset = apply_coreset(args, model, self.objective, side_collator, forget, retain)
+            if self.coreset.max_steps is not None and args.max_steps != self.coreset.max_steps:
+                args = copy.copy(args)  # the budget rule's max_steps; the caller's config stays as it was
+                args.max_steps = self.coreset.max_steps
         warn_overlap(forget, retain)
         for side, what in ((forget, "forget"), (retain, "retain")):
             warn_past_positions(starting_model, side, what, args.max_length)
@@ -247,6 +255,7 @@ class UnlearningTrainer(HubMixin, Trainer):
             strategy_kwargs={},
             use_peft=False,
             reference="none",
+            coreset=None,  # the forget set given is the one to fine-tune on
             save_strategy="no",
             output_dir=f"{self.args.output_dir}/reinforced",
         )
@@ -278,6 +287,9 @@ class UnlearningTrainer(HubMixin, Trainer):
             return TrainOutput(self.state.global_step, 0.0, metrics)
         if resume_from_checkpoint is not None:
             load_resume_state(self, resume_from_checkpoint)  # before SalUn's setup: it reuses the run's mask
+        if self.coreset is not None and resume_from_checkpoint is None:
+            self._coreset_logs = self.coreset.log_values()  # into the first log of the run (the Trainer resets the
+            # log history when it starts)
         if self.strategy.builds_state_before_training():  # e.g. SalUn's saliency mask, from the forget set
             self.log(dict(self.strategy.setup(self)))
         try:
@@ -339,6 +351,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         for key, values in self._metrics["train"].items():
             logs[key] = sum(values) / len(values)
         self._metrics["train"].clear()
+        logs.update(self.__dict__.pop("_coreset_logs", {}))
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -395,6 +408,7 @@ class UnlearningTrainer(HubMixin, Trainer):
             self.objective.save_weights(model, staging, self._adapter_name, self.args.merge_adapter, state_dict)
             strategy = {"name": self.strategy.name, "paper": self.strategy.paper, **self.strategy.hyperparameters}
             record = self.text_format_record()  # how the rows were rendered, as the card says
-            write_run_record(staging, self.processing_class, self.args.to_json_string(), strategy, record)
+            coreset = self.coreset.to_dict() if self.coreset is not None else None
+            write_run_record(staging, self.processing_class, self.args.to_json_string(), strategy, record, coreset)
             self.write_card(staging)  # the model card, in every save and checkpoint, as TRL writes its own
         self._saved_files[target] = set(staged.written)

@@ -8,6 +8,7 @@ import ctypes
 import re
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -118,10 +119,12 @@ def run_method(
     trace: bool = True,
     final_evaluation: bool = True,
     quiet: bool = True,
+    after: Callable[[torch.nn.Module], dict] | None = None,
 ) -> dict:
     """Unlearn `splits.forget` from a copy of `finetuned` with `method` (`mode` "lora" or "full"); returns the
     settings, train seconds, peak memory, forget quality after every epoch (`trace`) and the metrics of the
-    unlearned model (`final_evaluation`; without it only the last epoch's forget quality)."""
+    unlearned model (`final_evaluation`; without it only the last epoch's forget quality), the coreset the run
+    trained on (`method.config`'s `coreset` options; without the kept indices) and `after(unlearned model)`."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
     lora = mode == "lora"
@@ -169,6 +172,7 @@ def run_method(
             seconds = time.perf_counter() - start - (tracer.eval_seconds if tracer else 0.0)
         unlearned = trainer.model.eval()
         evaluation = evaluate(unlearned, tokenizer, preset, splits, reference)
+        extra = after(unlearned) if after is not None else None
     points = tracer.points if tracer else []
     if trace and one_shot:  # no epochs to trace: the one edit at the end is the only point
         points = [
@@ -190,4 +194,10 @@ def run_method(
         "metrics": evaluation["metrics"],
         "forget_truth_ratios": evaluation["forget_truth_ratios"],
         "trace": points,
+        "coreset": _without_indices(trainer.coreset.to_dict()) if trainer.coreset is not None else None,
+        "after": extra,
     }
+
+
+def _without_indices(report: dict) -> dict:
+    return {**report, "sides": {k: {f: v for f, v in s.items() if f != "indices"} for k, s in report["sides"].items()}}

@@ -112,6 +112,7 @@ def build_model_card(
     forget_rows_fingerprint: str | None = None,
     text_format: Mapping[str, Any] | None = None,
     guarantees: Sequence[str] = (),
+    coreset: str | None = None,
 ) -> ModelCard:
     """The README.md of an unlearned model, rendered from `erasus_hf/model_cards/unlearning_card.md`.
 
@@ -127,7 +128,8 @@ def build_model_card(
     `TextFormat.describe` with the row formats under ``rows``, ``max_length``, ``window_stride``), one line of the
     card (`format_line`). `guarantees`: markdown blocks, each under the card's "Guarantees and verification"
     heading: a removal certificate (`erasus_hf.certified.RemovalCertificate.to_markdown()`), the starting model's
-    differential privacy (`erasus_hf.privacy.DPReport.card_section(...)`), a verifier's result.
+    differential privacy (`erasus_hf.privacy.DPReport.card_section(...)`), a verifier's result. `coreset`: what a
+    coreset kept (`erasus_hf.coresets.CoresetReport.card_line`), a line of the forget-set section.
 
     No secret reaches the card: the whole rendered text goes through `erasus_hf.redaction.redact` (a `--hub_token`
     or `HF_TOKEN=` in `command`, a token-shaped string in any field).
@@ -158,6 +160,7 @@ def build_model_card(
         forget_fingerprint=fingerprint,
         retain_count=retain_count,
         row_formats=format_line(text_format) if text_format else None,
+        coreset=coreset,
         datasets=datasets or [],
         base_model=hub_base,
         local_base=local_base,

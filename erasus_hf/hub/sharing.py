@@ -47,8 +47,8 @@ CARD_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 
 class HubMixin:
     """`Trainer`'s Hub methods for `UnlearningTrainer`: read with the trainer's `args`, `strategy`, `forget_rows`,
-    `retain_rows`, `reference_mode`, `last_evaluation`, `text_format` and `row_formats`; `_hub_pool` (the one upload
-    thread, started on the first background push) and `push_in_progress` are set to None by the trainer's
+    `retain_rows`, `reference_mode`, `last_evaluation`, `text_format`, `row_formats` and `coreset`; `_hub_pool` (the
+    one upload thread, started on the first background push) and `push_in_progress` are set to None by the trainer's
     `__init__`."""
 
     _hub_pool: ThreadPoolExecutor | None
@@ -126,6 +126,7 @@ class HubMixin:
             is_adapter=is_peft_model(model) and not self.args.merge_adapter,
             evaluation=evaluation if evaluation is not None else self.last_evaluation,
             text_format=self.text_format_record(),
+            coreset=self.coreset.card_line() if getattr(self, "coreset", None) is not None else None,
             **arguments,
         )
         # PEFT copies the starting model's `model_tags` (TRL's `trl`, `sft`, ...) into its README: not ours

@@ -106,7 +106,10 @@ def parse(parser: HfArgumentParser, argv: list[str], objective: str | None = Non
     _, leftover = parser.parse_known_args(rest)  # refused before any dataclass is built
     if leftover:
         unrecognized(parser, leftover)
-    outputs = tuple(parser.parse_args_into_dataclasses(rest)[: len(parser.dataclass_types)])
+    try:  # a value the configs refuse (`UnlearningConfig.__post_init__`): one line naming the option
+        outputs = tuple(parser.parse_args_into_dataclasses(rest)[: len(parser.dataclass_types)])
+    except ValueError as err:
+        parser.error(str(err))
     for output in outputs:
         register_secret(*(getattr(output, f.name) for f in dataclasses.fields(output) if f.name.endswith("token")))
         if "strategy" in {f.name for f in dataclasses.fields(output)}:
