@@ -41,7 +41,7 @@ from erasus_hf.evaluation.robustness import relearning_attack
 from erasus_hf.evaluation.tofu import forget_quality
 
 from .tofu_mini.methods import methods
-from .tofu_mini.models import DEFAULT_DATA_DIR, load_splits, trained_models
+from .tofu_mini.models import add_data_options, load_splits, trained_models
 from .tofu_mini.presets import PRESETS
 from .tofu_mini.protocol import evaluate, run_method
 from .tofu_mini.report import environment
@@ -72,12 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sides", nargs="+", default=["retain", "forget"], choices=["retain", "forget"])
     parser.add_argument("--selectors", nargs="+", default=list(SELECTORS), help="default: every registered one")
     parser.add_argument("--workers", type=int, default=2, help="processes running runs side by side (default 2)")
-    parser.add_argument(
-        "--data_dir",
-        default=str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else None,
-        help="folder of TOFU split files (default: ../shared/data/tofu when present, else the Hub's locuslab/TOFU)",
-    )
-    parser.add_argument("--cache_dir", default="benchmarks/.cache", help="where the trained models are kept")
+    add_data_options(parser)
     parser.add_argument("--out_dir", default="benchmarks/results", help="where the table, JSON and plot go")
     parser.add_argument("--quiet", action="store_true", help="no progress bars but the runs'")
     args = parser.parse_args(argv)

@@ -37,7 +37,7 @@ from erasus_hf.verification import ReferenceModel, UnlearningVerifier
 
 from .tofu_mini import protocol
 from .tofu_mini.methods import methods
-from .tofu_mini.models import DEFAULT_DATA_DIR, load_splits, train_model, trained_models
+from .tofu_mini.models import add_data_options, load_splits, train_model, trained_models
 from .tofu_mini.presets import PRESETS
 from .tofu_mini.report import environment
 
@@ -63,12 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train on the preset's first N retain authors only (default 5, authors 0-4: 100 rows, which still "
         "hold the 100 retain evaluation rows; 0: the preset's own)",
     )
-    parser.add_argument(
-        "--data_dir",
-        default=str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else None,
-        help="folder of TOFU split files (default: ../shared/data/tofu when present, else the Hub's locuslab/TOFU)",
-    )
-    parser.add_argument("--cache_dir", default="benchmarks/.cache", help="where the trained models are kept")
+    add_data_options(parser)
     parser.add_argument("--out_dir", default="benchmarks/results", help="where the table and JSON go")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)

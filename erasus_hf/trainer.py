@@ -177,6 +177,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         self.row_formats = {k: v for k, v in (("forget", forget_format), ("retain", retain_format)) if v is not None}
         self.text_format = side_collator.text_format if isinstance(side_collator, QACollator) else None
         self.coreset: CoresetReport | None = None
+        self._first_log: dict[str, float] = {}  # joins the run's first log (the Trainer resets the history at start)
         if args.coreset is not None:  # before the reference: a cached reference scores the kept rows only
             forget, retain, self.coreset = apply_coreset(args, model, self.objective, side_collator, forget, retain)
             if self.coreset.max_steps is not None and args.max_steps != self.coreset.max_steps:
@@ -288,8 +289,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         if resume_from_checkpoint is not None:
             load_resume_state(self, resume_from_checkpoint)  # before SalUn's setup: it reuses the run's mask
         if self.coreset is not None and resume_from_checkpoint is None:
-            self._coreset_logs = self.coreset.log_values()  # into the first log of the run (the Trainer resets the
-            # log history when it starts)
+            self._first_log = self.coreset.log_values()
         if self.strategy.builds_state_before_training():  # e.g. SalUn's saliency mask, from the forget set
             self.log(dict(self.strategy.setup(self)))
         try:
@@ -351,7 +351,8 @@ class UnlearningTrainer(HubMixin, Trainer):
         for key, values in self._metrics["train"].items():
             logs[key] = sum(values) / len(values)
         self._metrics["train"].clear()
-        logs.update(self.__dict__.pop("_coreset_logs", {}))
+        logs.update(self._first_log)
+        self._first_log = {}
         super().log(logs, start_time)
 
     def evaluation_loop(

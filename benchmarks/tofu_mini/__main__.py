@@ -25,7 +25,7 @@ import transformers
 from erasus_hf.evaluation.tofu import forget_quality
 
 from .methods import Method, methods
-from .models import DEFAULT_DATA_DIR, load_splits, trained_models
+from .models import add_data_options, load_splits, trained_models
 from .presets import PRESETS, Preset
 from .protocol import evaluate, run_method
 from .report import environment, write
@@ -41,12 +41,7 @@ def parse_args(
     parser.add_argument("--preset", default="small", choices=list(PRESETS), help="benchmark size (default: small)")
     parser.add_argument("--methods", nargs="+", help="strategies to run (default: every one in methods.py)")
     parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    parser.add_argument(
-        "--data_dir",
-        default=str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else None,
-        help="folder of TOFU split files (default: ../shared/data/tofu when present, else the Hub's locuslab/TOFU)",
-    )
-    parser.add_argument("--cache_dir", default="benchmarks/.cache", help="where the trained models are kept")
+    add_data_options(parser)
     parser.add_argument("--out_dir", default="benchmarks/results", help="where the table, JSON and plot go")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)

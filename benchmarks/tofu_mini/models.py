@@ -24,6 +24,16 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "to
 """`../shared/data/tofu` beside the clone; without it the splits come from the Hub (`locuslab/TOFU`)."""
 
 
+def add_data_options(parser) -> None:
+    """The options every TOFU-mini benchmark reads its data and cached models with: --data_dir, --cache_dir."""
+    parser.add_argument(
+        "--data_dir",
+        default=str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else None,
+        help="folder of TOFU split files (default: ../shared/data/tofu when present, else the Hub's locuslab/TOFU)",
+    )
+    parser.add_argument("--cache_dir", default="benchmarks/.cache", help="where the trained models are kept")
+
+
 @dataclass
 class Splits:
     train_retain: Dataset  # question/answer rows of the retain authors (both models train on them)
