@@ -16,6 +16,8 @@ k-means draws; the finetuned and retain models are the cached tofu_mini ones (se
 rows, the exact-match forget accuracy then measured on its odd rows (`relearning_attack`).
 
 Runs go to --workers processes (one torch thread each). Writes benchmarks/results/coresets_<preset>.{md,json,png}.
+The default grid (390 runs) took 53 minutes on 2 CPU cores with the TOFU-mini models cached; training them first adds
+about 26 minutes.
 """
 
 from __future__ import annotations
