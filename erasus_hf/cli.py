@@ -18,6 +18,7 @@ COMMANDS = {
     "unlearn": "Run an unlearning recipe (YAML + flags) on TOFU, MUSE or any rows: train, save the weights, evaluate.",
     "evaluate": "Evaluate a model or adapter (TOFU, MUSE, MIA, memorization, any rows); write the evaluation JSON.",
     "verify": "Test an unlearned model's forget rows against a holdout and a retrained model (p-values, levels).",
+    "forget": "Apply deletion requests in order, one adapter per request, each recorded in the run's deletion ledger.",
     "push": "Upload an output folder (safetensors weights, card, evaluation JSON) to the Hugging Face Hub.",
 }
 # the model family of the commands that train one, known before any model is loaded: `--strategy` may name only
@@ -78,6 +79,19 @@ def _run(argv: list[str]) -> int:
         try:
             run_unlearn(*arguments, command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
         except (UsageError, DataSourceError) as err:  # bad data or options, found before any compute: one line
+            parser.error(str(err))
+    elif command == "forget":
+        from .config import UnlearningConfig
+        from .data.loading import DataSourceError
+        from .scripts.forget import DESCRIPTION, ForgetArguments, positional_requests, run_forget
+        from .scripts.parsing import UsageError
+
+        parser = make_parser((ForgetArguments, UnlearningConfig), "erasus-hf forget", DESCRIPTION)
+        parser.usage = "erasus-hf forget REQUEST_FILE [REQUEST_FILE ...] --output_dir RUN [--OPTION VALUE ...]"
+        arguments = parse(parser, positional_requests(rest), CAUSAL_LM)
+        try:
+            run_forget(*arguments)
+        except (UsageError, DataSourceError) as err:
             parser.error(str(err))
     elif command == "push":
         from .scripts.push import HubUnreachableError, PushArguments, positional_output_dir, run_push

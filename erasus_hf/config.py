@@ -12,8 +12,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .coresets.selection import CORESET_BUDGETS, CORESET_SIDES, check_coreset_options
-from .coresets.selectors import feature_kind, get_selector
+from .coresets.selectors import CORESET_BUDGETS, CORESET_SIDES, check_coreset_options, feature_kind, get_selector
 from .data.formats import TextFormat
 from .data.formatting import PROMPT_TEMPLATE
 from .redaction import redact, redact_json, register_secret

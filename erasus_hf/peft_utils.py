@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from .config import UnlearningConfig
+if TYPE_CHECKING:  # a type hint only: the config sits above this room
+    from .config import UnlearningConfig
 
 # the frozen snapshot of an arrived adapter that serves as the reference (`erasus_hf.reference.snapshot_adapter`)
 REFERENCE_ADAPTER = "erasus_reference"

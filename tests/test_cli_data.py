@@ -20,7 +20,7 @@ from erasus_hf.data.formats import TextFormat
 from erasus_hf.data.loading import DataSource, DataSourceError
 from erasus_hf.data.muse import shared_muse_dir
 from erasus_hf.data.tofu import demo_splits
-from erasus_hf.scripts.row_evaluation import RowsEvaluator
+from erasus_hf.evaluation.rows import RowsEvaluator
 
 from .testing_utils import ROOT
 

@@ -262,8 +262,13 @@ def test_ctrl_c_during_the_final_renames_arrives_after_the_folder_is_complete(
         real_move(source, target)
 
     monkeypatch.setattr(output_folder, "_move_in", move_in)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.save_model()
+    # Ctrl-C as a terminal delivers it (a job started in the background with `&` ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.save_model()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(calls) == len(os.listdir(tmp_path / "probe"))  # every file moved in before the interrupt
     assert snapshot(out) == snapshot(tmp_path / "probe")
 

@@ -9,8 +9,8 @@ forget_similar (retain side) and upcore (forget side). What they cost and save o
 """
 
 from .features import example_features
-from .selection import CORESET_BUDGETS, CORESET_SIDES, CoresetReport, SideSelection, apply_coreset, full_set_steps
-from .selectors import SELECTORS, CoresetSelector, get_selector, register_selector
+from .selection import CoresetReport, SideSelection, apply_coreset, full_set_steps
+from .selectors import CORESET_BUDGETS, CORESET_SIDES, SELECTORS, CoresetSelector, get_selector, register_selector
 
 __all__ = [
     "CORESET_BUDGETS",

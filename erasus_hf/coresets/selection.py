@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .features import example_features
-from .selectors import CoresetSelector, feature_kind, get_selector
+from .selectors import (
+    check_coreset_options,
+    feature_kind,
+    get_selector,
+)
 
 if TYPE_CHECKING:  # the objectives import the config, which imports this package's options
     from ..objectives import Objective
 
 logger = logging.getLogger(__name__)
-
-CORESET_SIDES = ("retain", "forget", "both")
-CORESET_BUDGETS = ("steps", "epochs")
 
 
 @dataclass
@@ -93,22 +94,6 @@ class CoresetReport:
             else:
                 parts.append("trained for the configured epochs over the reduced forget set")
         return "; ".join(parts)
-
-
-def check_coreset_options(selector: CoresetSelector, side: str, has_retain: bool) -> None:
-    """Refuse a side the selector does not serve, and a retain coreset without a retain set, before any compute."""
-    wanted = ("forget", "retain") if side == "both" else (side,)
-    unserved = [s for s in wanted if s not in selector.sides]
-    if unserved:
-        raise ValueError(
-            f"coreset_side={side!r}: selector {selector.name!r} serves the {' and '.join(selector.sides)} side only"
-            f"{'s' if len(selector.sides) > 1 else ''}, not {' and '.join(unserved)}."
-        )
-    if "retain" in wanted and not has_retain:
-        raise ValueError(
-            f"coreset_side={side!r} reduces the retain set, but this run has none (the strategy or retain_loss "
-            "uses no retain set). Use coreset_side='forget'."
-        )
 
 
 def full_set_steps(rows: int, args: Any) -> int:

@@ -19,6 +19,9 @@ import numpy as np
 
 from ..registry import Registry
 
+CORESET_SIDES = ("retain", "forget", "both")
+CORESET_BUDGETS = ("steps", "epochs")
+
 SIDES = ("forget", "retain")
 FEATURE_KINDS = ("embeddings", "losses", "el2n", "gradients", "gradient_norms")
 
@@ -365,3 +368,19 @@ def feature_kind(selector: CoresetSelector, requested: str = "auto") -> str | No
     if requested not in ("embeddings", "gradients"):
         raise ValueError(f"coreset_features must be 'auto', 'embeddings' or 'gradients', got {requested!r}")
     return requested
+
+
+def check_coreset_options(selector: CoresetSelector, side: str, has_retain: bool) -> None:
+    """Refuse a side the selector does not serve, and a retain coreset without a retain set, before any compute."""
+    wanted = ("forget", "retain") if side == "both" else (side,)
+    unserved = [s for s in wanted if s not in selector.sides]
+    if unserved:
+        raise ValueError(
+            f"coreset_side={side!r}: selector {selector.name!r} serves the {' and '.join(selector.sides)} side only"
+            f"{'s' if len(selector.sides) > 1 else ''}, not {' and '.join(unserved)}."
+        )
+    if "retain" in wanted and not has_retain:
+        raise ValueError(
+            f"coreset_side={side!r} reduces the retain set, but this run has none (the strategy or retain_loss "
+            "uses no retain set). Use coreset_side='forget'."
+        )

@@ -151,6 +151,8 @@ def check_rows(
     text_format = text_format or TextFormat()
     where = f"The {what} set ({_argument(what)})"
     rows = dataset.with_format(None)
+    if len(rows) == 0:
+        raise ValueError(f"{where} is empty: it has no rows to read.")
     try:
         row_format = text_format.detect(rows[0], what)
     except RowFormatError as err:

@@ -21,6 +21,7 @@ from accelerate import PartialState
 
 from ..data.loading import DataSource
 from ..evaluation.result import EvaluationResult
+from ..evaluation.rows import RowsEvaluator
 from ..evaluation.suite import EVALUATORS, MetricSuite
 from ..model_source import check_model_source, load_tokenizer
 from ..modeling.loading import load_model
@@ -35,7 +36,6 @@ from .data_options import (
     text_format_of,
 )
 from .parsing import UsageError
-from .row_evaluation import RowsEvaluator
 
 ROWS = "rows"  # the evaluation of the --forget/--retain_dataset rows themselves (RowsEvaluator)
 

@@ -30,6 +30,7 @@ from ..config import UnlearningConfig
 from ..data.formats import RowFormatError, TextFormat
 from ..data.loading import DataSource, one_line
 from ..data.tofu import TOFUDataset, demo_splits, load_tofu
+from ..evaluation.rows import RowsEvaluator
 from ..evaluation.suite import MetricSuite
 from ..model_source import check_model_source, load_tokenizer
 from ..modeling.loading import load_model, starting_model, tiny_tokenizer
@@ -49,7 +50,6 @@ from .data_options import (
     side_field,
 )
 from .parsing import UsageError
-from .row_evaluation import RowsEvaluator
 
 TOFU_HUB_ID = "locuslab/TOFU"
 

@@ -20,10 +20,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.collator import QACollator
 from ..data.formats import TextFormat
-from ..evaluation.base import Evaluator, check_at_least_one
-from ..evaluation.memorization import exact_memorization, extraction_strength
-from ..evaluation.result import EvaluationResult
-from ..evaluation.scoring import mark_closing_eos, token_stats
+from .base import Evaluator, check_at_least_one
+from .memorization import exact_memorization, extraction_strength
+from .result import EvaluationResult
+from .scoring import mark_closing_eos, token_stats
 
 
 @dataclass(eq=False, repr=False)
