@@ -79,6 +79,13 @@ def quick(tmp_path_factory, base, tofu_slice):
     return _run(tmp_path_factory.mktemp("quick") / "run", base, [a, b], retain, QUICK)[0]
 
 
+def _copy(ledger: DeletionLedger, tmp_path) -> tuple:
+    """(a copy of `ledger`'s run folder, its ledger read from there): a test's own run to add requests to."""
+    folder = tmp_path / "run"
+    shutil.copytree(ledger.folder, folder)
+    return folder, DeletionLedger.load(str(folder / "ledger.json"))
+
+
 # ---- the requests forget, one adapter each
 
 
@@ -160,11 +167,8 @@ def test_the_same_rows_again_are_a_no_op(sequence, tofu_slice, tmp_path):
 
 
 def test_a_request_sharing_rows_says_how_many(quick, tofu_slice, tmp_path):
-    a, _, _ = _requests(tofu_slice)
-    folder = tmp_path / "run"
-    shutil.copytree(quick.folder, folder)
-    ledger = DeletionLedger.load(str(folder / "ledger.json"))
-    _, b, retain = _requests(tofu_slice)
+    a, b, retain = _requests(tofu_slice)
+    folder, ledger = _copy(quick, tmp_path)
     rows = Dataset.from_list([*a.select(range(10)), *b.select(range(15))])
     outcome = apply_request(ledger, rows, config(folder, **QUICK), retain=retain)
     assert outcome.applied and outcome.record.overlap == {"request-0001": 10, "request-0002": 15}
@@ -177,9 +181,7 @@ def test_a_request_with_a_holdout_is_verified_and_the_result_recorded(quick, tof
     # rows never trained on, of the same kind: author B's questions with their paraphrased answers
     holdout = forget.select(range(20, 40)).select_columns(["question", "paraphrased_answer"])
     holdout = holdout.rename_column("paraphrased_answer", "answer")
-    folder = tmp_path / "run"
-    shutil.copytree(quick.folder, folder)
-    ledger = DeletionLedger.load(str(folder / "ledger.json"))
+    folder, ledger = _copy(quick, tmp_path)
     kwargs = {"relearn_steps": (), "bootstrap_resamples": 50}
     outcome = apply_request(
         ledger, a.select(range(10)), config(folder, **QUICK), retain=retain, holdout=holdout, verifier_kwargs=kwargs
@@ -240,10 +242,8 @@ class _Interrupt(TrainerCallback):
 
 def test_an_interrupted_request_leaves_the_ledger_and_the_state(quick, tofu_slice, tmp_path, monkeypatch):
     a, _, retain = _requests(tofu_slice)
-    folder = tmp_path / "run"
-    shutil.copytree(quick.folder, folder)
+    folder, ledger = _copy(quick, tmp_path)
     before = snapshot(folder)
-    ledger = DeletionLedger.load(str(folder / "ledger.json"))
     rows = a.select(range(5))  # a new request (rows of the first)
     with pytest.raises(KeyboardInterrupt):
         apply_request(ledger, rows, config(folder, **QUICK), retain=retain, callbacks=[_Interrupt()])
@@ -279,10 +279,8 @@ def no_compute(monkeypatch):
 
 def test_bad_requests_are_refused_before_any_compute(quick, tofu_slice, tmp_path, no_compute):
     a, b, retain = _requests(tofu_slice)
-    folder = tmp_path / "run"
-    shutil.copytree(quick.folder, folder)
+    folder, ledger = _copy(quick, tmp_path)
     before = snapshot(folder)
-    ledger = DeletionLedger.load(str(folder / "ledger.json"))
     new = retain.select(range(5))
     cases = [
         (new, {"use_peft": False}, {}, "use_peft must be True"),
