@@ -285,6 +285,8 @@ def test_bad_requests_are_refused_before_any_compute(quick, tofu_slice, tmp_path
     cases = [
         (new, {"use_peft": False}, {}, "use_peft must be True"),
         (new, {"coreset": "random", "coreset_fraction": 0.5}, {}, "coreset must be None"),
+        (new, {"merge_adapter": True}, {}, "merge_every"),
+        (new, {"push_to_hub": True, "hub_model_id": "you/model"}, {}, "erasus-hf push"),
         (a.select(range(15)), {}, {"holdout": a.select(range(3))}, "holdout"),
         (Dataset.from_dict({"question": [], "answer": []}), {}, {}, "empty"),
         ([dict(a[0]), {"text": "plain text"}], {}, {}, "row 1 has columns"),

@@ -160,6 +160,14 @@ def _check_mode(ledger: DeletionLedger, args: UnlearningConfig) -> None:
         )
     if args.coreset is not None:
         raise RequestError("A deletion request is unlearned on all its rows: coreset must be None.")
+    if args.push_to_hub:
+        raise RequestError(
+            "push_to_hub: a ledger run pushes nothing itself. Once the request is in the ledger, push the merged "
+            f"model (merge_every=N writes it) with `erasus-hf push {os.path.join(ledger.folder, MERGES_DIR)}/<id> "
+            "--repo_id ...`."
+        )
+    if args.merge_adapter:
+        raise RequestError("merge_adapter: a ledger keeps one adapter per request; merge them with merge_every=N.")
 
 
 def _evaluation(rows: Mapping[str, Dataset], args: UnlearningConfig) -> RowsEvaluator:
