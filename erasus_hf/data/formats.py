@@ -49,6 +49,15 @@ from .formatting import PROMPT_TEMPLATE, format_completion, format_prompt
 
 FORMATS = ("qa", "prompt_completion", "conversational", "messages", "text", "tokenized")
 FIELDS = ("question", "answer", "prompt", "completion", "messages")  # the columns `columns` may rename
+FORMAT_FIELDS = {
+    "qa": ("question", "answer"),
+    "prompt_completion": ("prompt", "completion"),
+    "conversational": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text": ("text",),
+    "tokenized": ("input_ids", "labels"),
+}
+"""The fields each row format is read from, under our names (a dataset's column is `TextFormat.column(name)`)."""
 ACCEPTED = (
     "'question'/'answer' (text), 'prompt'/'completion' (text, or lists of chat messages), 'messages' (a list of "
     "{'role', 'content'} turns), 'text' (raw text; TRL's dataset_text_field) or 'input_ids' (pre-tokenized)"

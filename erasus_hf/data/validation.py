@@ -16,7 +16,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from .formats import CHAT_FORMATS, RowFormatError, TextFormat
+from .formats import CHAT_FORMATS, FORMAT_FIELDS, RowFormatError, TextFormat
 
 # how each side is passed to `UnlearningTrainer`, for messages
 ARGUMENTS = {
@@ -172,8 +172,7 @@ def check_rows(
     elif row_format in CHAT_FORMATS:
         check_chat_rows(rows, where, text_format, row_format)
     else:
-        fields = {"qa": ("question", "answer"), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-        check_text_columns(rows, where, [text_format.column(f) for f in fields[row_format]], row_format)
+        check_text_columns(rows, where, [text_format.column(f) for f in FORMAT_FIELDS[row_format]], row_format)
     return row_format
 
 

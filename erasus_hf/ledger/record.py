@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..data.fingerprint import canonical_line
-from ..data.formats import TextFormat
+from ..data.formats import FORMAT_FIELDS, TextFormat
 from ..redaction import redact_json
 
 LEDGER_SCHEMA = "erasus_hf.deletion_ledger"
@@ -40,17 +40,6 @@ LEDGER_VERSION = 1
 LEDGER_FILE = "ledger.json"
 MODES = ("adapter", "full")
 REFERENCES = ("previous", "original")
-
-# the fields each row format is read from (`TextFormat.detect`), under our names; the dataset's column is
-# `TextFormat.column(name)`
-FORMAT_FIELDS = {
-    "qa": ("question", "answer"),
-    "prompt_completion": ("prompt", "completion"),
-    "conversational": ("prompt", "completion"),
-    "messages": ("messages",),
-    "text": ("text",),
-    "tokenized": ("input_ids", "labels"),
-}
 
 
 class RequestError(ValueError):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..model_source import load_causal_lm, load_tokenizer
+from ..model_source import load_causal_lm
 from .record import DeletionLedger
 
 
@@ -51,7 +51,3 @@ def load_state(
         model = model.merge_and_unload(adapter_names=names)
     model.eval()
     return model, tokenizer
-
-
-def base_tokenizer(ledger: DeletionLedger) -> PreTrainedTokenizerBase:
-    return load_tokenizer(ledger.base_model)
