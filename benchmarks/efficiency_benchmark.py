@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     args, preset, catalogue = setup(argv, prog="python -m benchmarks.efficiency_benchmark", description=__doc__)
     start = time.perf_counter()
     splits = load_splits(preset, args.data_dir)
-    cached = trained_models(preset, splits, args.cache_dir, seed=args.seed, quiet=args.quiet)
+    cached = trained_models(preset, splits, args.cache_dir, seed=args.seeds[0], quiet=args.quiet)
     tokenizer, finetuned = cached["tokenizer"], cached["finetuned"].to(args.device).eval()
 
     print(f"Retraining the retain model from scratch on {len(splits.train_retain)} rows (timed)...")
-    retrained, retrain_seconds = train_model(preset, tokenizer, splits.train_retain, args.seed, args.quiet)
+    retrained, retrain_seconds = train_model(preset, tokenizer, splits.train_retain, args.seeds[0], args.quiet)
     reference = evaluate(retrained.eval(), tokenizer, preset, splits, None)["raw"]
 
     rows = []
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.modes:
             row = run_method(
                 catalogue[name], mode, finetuned, tokenizer, preset, splits, reference,
-                device=args.device, seed=args.seed, final_evaluation=False, quiet=args.quiet,
+                device=args.device, seed=args.seeds[0], final_evaluation=False, quiet=args.quiet,
             )  # fmt: skip
             row["best"] = best_point(row["trace"])
             best = row["best"]

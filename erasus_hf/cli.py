@@ -18,6 +18,7 @@ COMMANDS = {
     "unlearn": "Run an unlearning recipe (YAML + flags) on TOFU, MUSE or any rows: train, save the weights, evaluate.",
     "evaluate": "Evaluate a model or adapter (TOFU, MUSE, MIA, memorization, any rows); write the evaluation JSON.",
     "verify": "Test an unlearned model's forget rows against a holdout and a retrained model (p-values, levels).",
+    "tune": "Search a recipe's hyperparameters (optuna, Trainer.hyperparameter_search); write the best recipe.",
     "forget": "Apply deletion requests in order, one adapter per request, each recorded in the run's deletion ledger.",
     "push": "Upload an output folder (safetensors weights, card, evaluation JSON) to the Hugging Face Hub.",
 }
@@ -79,6 +80,28 @@ def _run(argv: list[str]) -> int:
         try:
             run_unlearn(*arguments, command=shlex.join(["erasus-hf", "unlearn", *redact_argv(rest)]))
         except (UsageError, DataSourceError) as err:  # bad data or options, found before any compute: one line
+            parser.error(str(err))
+    elif command == "tune":
+        from .config import UnlearningConfig
+        from .data.loading import DataSourceError
+        from .scripts.data_options import OPTION_GROUPS
+        from .scripts.parsing import UsageError
+        from .scripts.strategy_help import add_strategy_help
+        from .scripts.tune import DESCRIPTION, TuneArguments, run_tune
+        from .scripts.unlearn import UnlearnArguments
+
+        groups = {"tuning": ("What the search draws and maximises.", list(TuneArguments.__dataclass_fields__))}
+        parser = make_parser(
+            (TuneArguments, UnlearnArguments, UnlearningConfig),
+            "erasus-hf tune",
+            DESCRIPTION,
+            {**groups, **OPTION_GROUPS},
+        )
+        add_strategy_help(parser)
+        arguments = parse(parser, rest, CAUSAL_LM)
+        try:
+            run_tune(*arguments[1:], arguments[0], argv=rest)
+        except (UsageError, DataSourceError) as err:
             parser.error(str(err))
     elif command == "forget":
         from .config import UnlearningConfig

@@ -28,7 +28,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _json_dict(value: dict[str, Any] | str | None, name: str) -> dict[str, Any]:
+def json_dict(value: dict[str, Any] | str | None, name: str) -> dict[str, Any]:
     """A dict-valued field given as a dict, a JSON object string (the command line) or None (empty)."""
     if isinstance(value, str):
         try:
@@ -218,9 +218,9 @@ class UnlearningConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.strategy_kwargs = _json_dict(self.strategy_kwargs, "strategy_kwargs")
-        self.dataset_columns = _json_dict(self.dataset_columns, "dataset_columns")
-        self.coreset_kwargs = _json_dict(self.coreset_kwargs, "coreset_kwargs")
+        self.strategy_kwargs = json_dict(self.strategy_kwargs, "strategy_kwargs")
+        self.dataset_columns = json_dict(self.dataset_columns, "dataset_columns")
+        self.coreset_kwargs = json_dict(self.coreset_kwargs, "coreset_kwargs")
         self._check_coreset()
         self.text_format()  # the formatting options are checked now
         self._check_model_init_kwargs()
@@ -273,7 +273,7 @@ class UnlearningConfig(TrainingArguments):
         run's config stays JSON), with a `dtype` that `from_pretrained` takes."""
         if self.model_init_kwargs is None:
             return
-        kwargs = dict(_json_dict(self.model_init_kwargs, "model_init_kwargs"))  # a copy: the caller's dict stays
+        kwargs = dict(json_dict(self.model_init_kwargs, "model_init_kwargs"))  # a copy: the caller's dict stays
         dtype = kwargs.get("dtype")
         if isinstance(dtype, torch.dtype):
             kwargs["dtype"] = str(dtype).removeprefix("torch.")

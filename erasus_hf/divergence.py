@@ -10,7 +10,7 @@ run, so nothing is written as if it were a finished run. Checkpoints saved at ea
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from transformers import TrainerCallback
 
@@ -29,32 +29,45 @@ class DivergenceCallback(TrainerCallback):
     """Raise `TrainingDivergedError` at the end of the first step whose watched loss exceeds
     `factor * max(|start|, 1)`.
 
-    `metrics` is the trainer's store of this logging window's per-step training values (`UnlearningTrainer._metrics
-    ["train"]`, each value already averaged across processes, so every process stops at the same step); `start` is
+    `metrics` is the trainer's store of this logging window's per-step training values, or a function returning it
+    (`UnlearningTrainer._gathered_metrics("train")`: it gathers the steps it keeps on the device when asked), each
+    value averaged across processes, so every process stops at the same step; `start` is
     the first value seen, the loss of the starting model. A start counted as at least 1 keeps a term that starts at
     0 (the retain KL to the reference, RMU's retain MSE) from tripping at once: it has to pass `factor` itself.
     """
 
-    def __init__(self, factor: float, metrics: Mapping[str, Sequence[float]], watched: Sequence[str] = WATCHED):
+    def __init__(
+        self,
+        factor: float,
+        metrics: Mapping[str, Sequence[float]] | Callable[[], Mapping[str, Sequence[float]]],
+        watched: Sequence[str] = WATCHED,
+    ):
         if not factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {factor!r}")
         self.factor = factor
-        self.metrics = metrics
+        self._metrics = metrics
         self.watched = tuple(watched)
         self.keys: list[str] = []  # `retain_loss`, or an ensemble's members' `npo/retain_loss`, ...
         self.start: dict[str, float] = {}
 
-    def _watched_keys(self) -> list[str]:
+    @property
+    def metrics(self) -> Mapping[str, Sequence[float]]:
+        """The store, read now: a callable (the trainer's, which gathers the steps it keeps on the device) is asked
+        at each read."""
+        return self._metrics() if callable(self._metrics) else self._metrics
+
+    def _watched_keys(self, metrics: Mapping[str, Sequence[float]]) -> list[str]:
         for name in self.watched:
-            keys = sorted(k for k in self.metrics if (k == name or k.endswith("/" + name)) and self.metrics[k])
+            keys = sorted(k for k in metrics if (k == name or k.endswith("/" + name)) and metrics[k])
             if keys:
                 return keys
         return []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.keys = self.keys or self._watched_keys()
+        metrics = self.metrics
+        self.keys = self.keys or self._watched_keys(metrics)
         for key in self.keys:
-            values = self.metrics.get(key) or ()
+            values = metrics.get(key) or ()
             if not values:
                 continue
             start = self.start.setdefault(key, values[0])

@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from . import zero3
+
 if TYPE_CHECKING:  # a type hint only: the config sits above this room
     from .config import UnlearningConfig
 
@@ -45,7 +47,7 @@ def prepare_peft(
             raise ValueError("The model already carries a PEFT adapter; pass peft_config=None to unlearn through it.")
         name = model.active_adapter
         model.base_model.set_adapter(name)
-        return model, name, True
+        return _with_input_grads(model, args), name, True
     if peft_config is None and args.use_peft:
         peft_config = LoraConfig(
             r=args.lora_r,
@@ -56,7 +58,20 @@ def prepare_peft(
         )
     if peft_config is None:
         return model, None, False
-    return get_peft_model(model, peft_config), "default", False
+    return _with_input_grads(get_peft_model(model, peft_config), args), "default", False
+
+
+def _with_input_grads(model: nn.Module, args: UnlearningConfig) -> nn.Module:
+    """Make the embeddings' output require gradients when training an adapter under gradient checkpointing.
+
+    The base weights are frozen, so with reentrant checkpointing no input of a checkpointed layer requires a
+    gradient and the adapter inside it gets none: LoRA weights that never move (open-unlearning's issue #178), or
+    "element 0 of tensors does not require grad" when nothing else trains. TRL's SFTTrainer calls
+    `enable_input_require_grads` for the same reason, not relying on the Trainer's own call."""
+    checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
+    if checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return model
 
 
 def save_weights(
@@ -66,7 +81,10 @@ def save_weights(
     or the merged model with `merge_adapter`; a `PreTrainedModel` through `save_pretrained`; any other module's state
     dict as `model.safetensors`."""
     if is_peft_model(model) and merge_adapter:
-        merged = copy.deepcopy(model)
+        if zero3.is_partitioned(model) and state_dict is None:  # gathering here would wait for the other processes
+            raise ValueError("A ZeRO-3 partitioned model merges from its gathered state_dict; none was given.")
+        # under ZeRO-3 a deep copy holds empty slices: merge the whole weights gathered into `state_dict`
+        merged = zero3.whole_copy(model, state_dict) if zero3.is_partitioned(model) else copy.deepcopy(model)
         if REFERENCE_ADAPTER in merged.peft_config:
             merged.delete_adapter(REFERENCE_ADAPTER)
         merged.merge_and_unload().save_pretrained(output_dir)

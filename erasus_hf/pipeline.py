@@ -159,7 +159,7 @@ class PipelineStrategy(Strategy):
             retain_dataset=trainer.retain_rows,
             processing_class=trainer.processing_class,
             data_collator=trainer.data_collator.side_collator,
-            objective=trainer.objective,
+            objective=trainer.model_objective,
         )
         trainer.state.global_step = sum(t.state.global_step for t in trainers)
         return {

@@ -20,10 +20,12 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import zero3
 from .objectives import Objective, Scores
 from .peft_utils import REFERENCE_ADAPTER, is_peft_model
 
@@ -67,13 +69,21 @@ class CachedReference(Reference):
 
     def __init__(self, logprobs: torch.Tensor) -> None:
         self.logprobs = logprobs if logprobs.dim() == 2 else logprobs[:, None]
+        self._placed: tuple[torch.Tensor, torch.Tensor] | None = None  # (logprobs, their copy on the batches' device)
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """`logprobs` on `device`, copied there once rather than at every step (and again when `logprobs` is
+        replaced, as a resumed run does)."""
+        if self._placed is None or self._placed[0] is not self.logprobs or self._placed[1].device != device:
+            self._placed = (self.logprobs, self.logprobs.to(device))
+        return self._placed[1]
 
     def sequence_logprob(self, objective: Objective, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "index" not in batch:
             raise ValueError("reference='cached' needs forget batches that carry their `index`.")
         index = batch["index"]
         slot = batch.get("slot", torch.zeros_like(index))
-        value = self.logprobs.to(index.device)[index, slot]
+        value = self._on(index.device)[index, slot]
         if torch.isnan(value).any():
             raise ValueError("No cached reference log-prob for some examples of this batch.")
         return value
@@ -85,8 +95,13 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     Some trainers patch `model.forward` on the instance with a closure over the original model (TRL's SFTTrainer
     does, for its fused LM head); a deep copy would keep calling the original, so the "frozen" reference would move
     with the policy. The copy falls back to its class's forward.
+
+    A model partitioned by DeepSpeed ZeRO-3 (`zero.Init`, as `from_pretrained` loads under a ZeRO-3 config) holds
+    only its own slice of each weight, and a deep copy copies the partitioning's bookkeeping without the weights: the
+    copy gets the gathered weights instead, whole, and `prepare_deepspeed` partitions it again (each process holds
+    the whole copy until then; a `ref_model` loaded by `from_pretrained` under the ZeRO-3 config avoids that peak).
     """
-    ref = copy.deepcopy(model)
+    ref = zero3.whole_copy(model) if zero3.is_partitioned(model) else copy.deepcopy(model)
     ref.__dict__.pop("forward", None)
     return ref
 
@@ -270,13 +285,19 @@ def adapter_reference(peft_model: nn.Module, had_adapter: bool) -> ModelReferenc
 
 
 def copy_reference(ref_model: nn.Module, accelerator: Accelerator, deepspeed: bool) -> ModelReference:
-    """`ref_model` frozen, on the right device, sharded like the policy under DeepSpeed ZeRO-3."""
+    """`ref_model` frozen, on the right device, sharded like the policy under DeepSpeed ZeRO-3 and FSDP (TRL's
+    `prepare_deepspeed` / `prepare_fsdp`): `prepare_model(evaluation_mode=True)` would hold a whole copy on every
+    process, which is what sharding the policy was meant to avoid."""
     ref_model.requires_grad_(False)
     ref_model.eval()
     if deepspeed:
         from trl.models.utils import prepare_deepspeed
 
         ref_model = prepare_deepspeed(ref_model, accelerator)
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        from trl.models.utils import prepare_fsdp
+
+        ref_model = prepare_fsdp(ref_model, accelerator)
     else:
         ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
     return ModelReference(ref_model, "copy", contextlib.nullcontext)

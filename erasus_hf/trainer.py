@@ -14,7 +14,7 @@ import dataclasses
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import TrainOutput
 
+from . import zero3
 from .config import UnlearningConfig, as_unlearning_config
 from .coresets import CoresetReport, apply_coreset
 from .data.collator import NestedCollator, QACollator, default_side_collator
@@ -83,6 +84,9 @@ class UnlearningTrainer(HubMixin, Trainer):
             `forget`/`retain` default to the rows given as forget_dataset/retain_dataset.
         evaluation_reference: the retain-model evaluation (an `EvaluationResult` or its JSON path) that forget
             quality and PrivLeak compare against.
+        model_init: instead of `model`, a function returning a fresh starting model, as `transformers.Trainer`
+            takes it: `hyperparameter_search` (`erasus_hf.tuning`) builds one per trial, with the trial's learning
+            rate, budget, weights and strategy hyperparameters.
     """
 
     _tag_names = ["erasus-hf", "unlearning"]
@@ -90,7 +94,7 @@ class UnlearningTrainer(HubMixin, Trainer):
 
     def __init__(
         self,
-        model: PreTrainedModel | nn.Module | str,
+        model: PreTrainedModel | nn.Module | str | None = None,
         args: UnlearningConfig | None = None,
         forget_dataset: Dataset | list[dict] | None = None,
         retain_dataset: Dataset | list[dict] | None = None,
@@ -106,7 +110,14 @@ class UnlearningTrainer(HubMixin, Trainer):
         evaluators: MetricSuite | Sequence[str | Evaluator] | None = None,
         evaluation_data: dict[str, Any] | None = None,
         evaluation_reference: EvaluationResult | str | os.PathLike | None = None,
+        model_init: Callable[[], nn.Module] | None = None,
     ) -> None:
+        if (model is None) == (model_init is None):
+            raise ValueError("UnlearningTrainer needs a model or a model_init (a fresh starting model per call): one.")
+        if model_init is not None and optimizers != (None, None):
+            raise ValueError("A model_init builds a new model per trial; it cannot take fixed `optimizers`.")
+        if model_init is not None:
+            model = model_init()
         args = as_unlearning_config(args)  # a plain TrainingArguments: converted, with a warning
         check_output_dir(args.output_dir, args.overwrite_output_dir)  # one run per folder, refused before compute
         # every check before any compute: hyperparameters (typed when the strategy is built), the data's containers,
@@ -122,13 +133,13 @@ class UnlearningTrainer(HubMixin, Trainer):
             model, processing_class = load_causal_lm(os.fspath(model), processing_class, args.model_init_kwargs)
         else:
             refuse_init_kwargs_for_instance(model, args.model_init_kwargs)
-        self.objective: Objective = get_objective(objective, model)
-        if self.objective.name not in self.strategy.objectives:
+        self.model_objective: Objective = get_objective(objective, model)
+        if self.model_objective.name not in self.strategy.objectives:
             raise ValueError(
-                f"Strategy {self.strategy.name!r} serves {self.strategy.objectives}, not the {self.objective.name!r} "
-                f"objective of {type(model).__name__}."
+                f"Strategy {self.strategy.name!r} serves {self.strategy.objectives}, not the "
+                f"{self.model_objective.name!r} objective of {type(model).__name__}."
             )
-        check_token_scores(self.strategy, self.objective, args.retain_loss)  # CTC: sequence likelihoods only
+        check_token_scores(self.strategy, self.model_objective, args.retain_loss)  # CTC: sequence likelihoods only
         if forget_dataset is None:
             raise ValueError("UnlearningTrainer needs a forget_dataset.")
         if self.strategy.needs_retain(args.retain_loss) and retain_dataset is None:
@@ -139,16 +150,16 @@ class UnlearningTrainer(HubMixin, Trainer):
         if retain_dataset is not None and not self.strategy.needs_retain(args.retain_loss):
             warnings.warn(f"Strategy {self.strategy.name!r} does not use the retain set; it is ignored.", stacklevel=2)
             retain_dataset = None
-        self.objective.prepare_processing_class(processing_class)  # a causal LM: its tokenizer, with a pad token
+        self.model_objective.prepare_processing_class(processing_class)  # a causal LM: its tokenizer, with a pad token
         if args.chat_template_path is not None:  # as TRL's: the saved tokenizer keeps the template it ran with
             processing_class.chat_template = chat_template_of(args.chat_template_path)
-        side_collator = data_collator or self.objective.collator_for(processing_class, args) or default_side_collator
+        side_collator = (
+            data_collator or self.model_objective.collator_for(processing_class, args) or default_side_collator
+        )
 
         starting_model = model
-        set_seed(args.seed)  # the adapter's initialisation follows the run's seed, whatever ran before
-        # an objective may add its adapter its family's own way (diffusion: `unet.add_adapter`, no PeftModel)
-        model, self._adapter_name, had_adapter = self.objective.prepare_peft(model, args, peft_config)
-        self.strategy.prepare_model(model)
+        self._peft_config = peft_config
+        model, had_adapter = self._prepare_policy(model, args)
         if reference is not None and self.strategy.reference_quantities(args.retain_loss):
             self.reference_mode, ref_model = reference.mode, None
         else:
@@ -160,10 +171,11 @@ class UnlearningTrainer(HubMixin, Trainer):
                 args.retain_loss,
                 peft=self._adapter_name is not None,
                 ref_model=ref_model,
-                cacheable=self.objective.cacheable_reference,
+                cacheable=self.model_objective.cacheable_reference,
             )
         if ref_model is not None and self.reference_mode != "none":
             check_reference_model(starting_model, ref_model)
+        self._given_ref_model = ref_model
 
         # the rows as given: one-shot strategies that re-read text (WHP's anchored terms, pipelines) use them
         self.forget_rows = with_alternates(forget_dataset, self.strategy.alternate_answers, args.seed)
@@ -179,7 +191,9 @@ class UnlearningTrainer(HubMixin, Trainer):
         self.coreset: CoresetReport | None = None
         self._first_log: dict[str, float] = {}  # joins the run's first log (the Trainer resets the history at start)
         if args.coreset is not None:  # before the reference: a cached reference scores the kept rows only
-            forget, retain, self.coreset = apply_coreset(args, model, self.objective, side_collator, forget, retain)
+            forget, retain, self.coreset = apply_coreset(
+                args, model, self.model_objective, side_collator, forget, retain
+            )
             if self.coreset.max_steps is not None and args.max_steps != self.coreset.max_steps:
                 args = copy.copy(args)  # the budget rule's max_steps; the caller's config stays as it was
                 args.max_steps = self.coreset.max_steps
@@ -208,11 +222,14 @@ class UnlearningTrainer(HubMixin, Trainer):
             optimizers=optimizers,
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # each step's metrics as stored, on the device and not gathered yet: (keys, values) per step, gathered into
+        # `_metrics` in one collective when they are read (a log, the end of an evaluation, the divergence check)
+        self._pending_metrics: dict[str, list[tuple[tuple[str, ...], torch.Tensor]]] = {"train": [], "eval": []}
         self._saved_files: dict[str, set[str]] = {}  # output folder -> the names this trainer's last save there wrote
         self._hub_pool = None
         self.push_in_progress = None  # (init_hf_repo has set it already with args.push_to_hub)
         if args.divergence_factor:  # reads the per-step training metrics stored above
-            self.add_callback(DivergenceCallback(args.divergence_factor, self._metrics["train"]))
+            self.add_callback(DivergenceCallback(args.divergence_factor, lambda: self._gathered_metrics("train")))
         if evaluators is not None and not isinstance(evaluators, MetricSuite):
             evaluators = MetricSuite(evaluators)
         self.metric_suite: MetricSuite | None = evaluators
@@ -226,6 +243,36 @@ class UnlearningTrainer(HubMixin, Trainer):
         self.reference: Reference | None = reference or self._build_reference(ref_model, had_adapter)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([*self._tag_names, self.strategy.name])
+        self.model_init = model_init  # after the Trainer's __init__, which refuses a model and a model_init both
+
+    def _prepare_policy(self, model: nn.Module, args: UnlearningConfig) -> tuple[nn.Module, bool]:
+        """The starting model as it trains: the run's adapter added (an objective may add it its family's own way:
+        diffusion's `unet.add_adapter`, no PeftModel) and the strategy's preparation; with whether the model arrived
+        with a trained adapter."""
+        set_seed(args.seed)  # the adapter's initialisation follows the run's seed, whatever ran before
+        model, self._adapter_name, had_adapter = self.model_objective.prepare_peft(model, args, self._peft_config)
+        self.strategy.prepare_model(model)
+        return model, had_adapter
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """A hyperparameter-search trial (`Trainer.hyperparameter_search`): the Trainer has set the trial's values
+        on `args` (a strategy's hyperparameters as the `strategy_kwargs` dict) and built a fresh model with
+        `model_init`; the strategy is built again from the new `strategy_kwargs`, the fresh model gets the run's
+        adapter, and the reference is built again from it (or from the `ref_model` given). The Trainer builds a
+        fresh model at every `train()` when it has a `model_init`, so this runs at every `train()`, trial or not."""
+        super()._hp_search_setup(trial)
+        if self.model_init is None:
+            return
+        self.strategy = get_strategy(self.args.strategy, **self.args.strategy_kwargs)
+        starting_model = self.model
+        ref_model = self._given_ref_model
+        if self.reference_mode == "copy" and ref_model is None:
+            ref_model = frozen_copy(starting_model)
+        model, had_adapter = self._prepare_policy(starting_model, self.args)
+        self.model = self.model_wrapped = model.to(self.args.device)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}  # none of an earlier trial's
+        self._pending_metrics = {"train": [], "eval": []}
+        self.reference = self._build_reference(ref_model, had_adapter)
 
     def _build_reference(self, ref_model: nn.Module | None, had_adapter: bool) -> Reference | None:
         """The reference of `self.reference_mode` (`erasus_hf.reference.build_reference`); the cached mode scores
@@ -235,7 +282,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         return build_reference(
             self.reference_mode,
             self.model,
-            self.objective,
+            self.model_objective,
             ref_model,
             had_adapter,
             accelerator=self.accelerator,
@@ -266,7 +313,7 @@ class UnlearningTrainer(HubMixin, Trainer):
             forget_dataset=dataset if dataset is not None else self.train_dataset.forget,
             processing_class=self.processing_class,
             data_collator=self.data_collator.side_collator,
-            objective=self.objective,
+            objective=self.model_objective,
         ).train()
         return model
 
@@ -282,6 +329,9 @@ class UnlearningTrainer(HubMixin, Trainer):
         checkpoint of another run is refused."""
         resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
         if self.strategy.one_shot:
+            if self.model_init is not None:  # no Trainer loop to build the trial's model: built here as it would
+                self.model = self.call_model_init(kwargs.get("trial"))
+                self._hp_search_setup(kwargs.get("trial"))
             metrics = self.strategy.apply(self)
             check_finite_weights(self.accelerator.unwrap_model(self.model))
             self.log(dict(metrics))
@@ -290,6 +340,7 @@ class UnlearningTrainer(HubMixin, Trainer):
             load_resume_state(self, resume_from_checkpoint)  # before SalUn's setup: it reuses the run's mask
         if self.coreset is not None and resume_from_checkpoint is None:
             self._first_log = self.coreset.log_values()
+        self._gathered_metrics("train")  # what an earlier run left stored joins `_metrics`, as it did when stored
         if self.strategy.builds_state_before_training():  # e.g. SalUn's saliency mask, from the forget set
             self.log(dict(self.strategy.setup(self)))
         try:
@@ -307,7 +358,7 @@ class UnlearningTrainer(HubMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ctx = StrategyContext(
             model=model,
-            objective=self.objective,
+            objective=self.model_objective,
             reference=self.reference,
             forget_weight=self.args.forget_weight,
             retain_weight=self.args.retain_weight,
@@ -332,23 +383,39 @@ class UnlearningTrainer(HubMixin, Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-            metrics = {f"{side}_nll": self.objective.score(model, inputs[side]).mean_nll.mean() for side in inputs}
+            metrics = {
+                f"{side}_nll": self.model_objective.score(model, inputs[side]).mean_nll.mean() for side in inputs
+            }
         self._store_metrics(metrics, "eval")
         return loss.detach(), None, None
 
     def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        """Keep this step's metrics, averaged across processes (one gather for all of them)."""
+        """Keep this step's metrics where they are, on the device: gathering them here would synchronise the device
+        and run one collective at every step, for values only a log (or the divergence check) reads.
+        `_gathered_metrics` gathers the steps since the last read in one go."""
         if not metrics:
             return
-        keys = sorted(metrics)
+        keys = tuple(sorted(metrics))
         values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
-        values = self.accelerator.gather(values[None]).mean(0)
-        for key, value in zip(keys, values.tolist(), strict=True):
-            self._metrics[mode][key].append(value)
+        self._pending_metrics[mode].append((keys, values))
+
+    def _gathered_metrics(self, mode: str) -> dict[str, list[float]]:
+        """`_metrics[mode]` with the stored steps added: each step's values averaged across processes (every
+        process has stored the same steps and keys), one gather for all of them; the values are the ones a gather
+        per step gave."""
+        pending = self._pending_metrics[mode]
+        if pending:
+            flat = torch.cat([values for _, values in pending])
+            gathered = iter(self.accelerator.gather(flat[None]).mean(0).tolist())
+            for keys, _ in pending:
+                for key in keys:
+                    self._metrics[mode][key].append(next(gathered))
+            pending.clear()
+        return self._metrics[mode]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the training metrics averaged over the logging window."""
-        for key, values in self._metrics["train"].items():
+        for key, values in self._gathered_metrics("train").items():
             logs[key] = sum(values) / len(values)
         self._metrics["train"].clear()
         logs.update(self._first_log)
@@ -359,21 +426,28 @@ class UnlearningTrainer(HubMixin, Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        for key, values in self._metrics["eval"].items():
+        for key, values in self._gathered_metrics("eval").items():
             output.metrics[f"{metric_key_prefix}_{key}"] = sum(values) / len(values)
         self._metrics["eval"].clear()
         if self.metric_suite is not None:
-            self.last_evaluation = self.metric_suite.run(
-                self.accelerator.unwrap_model(self.model),
-                self.processing_class,
-                **self.evaluation_data,
-                reference=self.evaluation_reference,
-                text_format=self.text_format,  # scored and prompted as trained (None: not a causal LM's collator)
-                row_formats=self.row_formats,
-            )
+            self.last_evaluation = self.run_metric_suite(self.accelerator.unwrap_model(self.model))
             self.last_evaluation.meta["global_step"] = self.state.global_step
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.last_evaluation.summary.items()})
         return output
+
+    def run_metric_suite(self, model: nn.Module) -> EvaluationResult:
+        """This trainer's evaluators on `model` (the trained one, or a starting model a tuner compares against),
+        with its evaluation data and reference, its rows scored and prompted as they were trained."""
+        if self.metric_suite is None:
+            raise ValueError("This trainer has no evaluators: pass evaluators=[...] (e.g. ['tofu']).")
+        return self.metric_suite.run(
+            model,
+            self.processing_class,
+            **self.evaluation_data,
+            reference=self.evaluation_reference,
+            text_format=self.text_format,  # None: not a causal LM's collator
+            row_formats=self.row_formats,
+        )
 
     # ---- saving ----
 
@@ -384,7 +458,11 @@ class UnlearningTrainer(HubMixin, Trainer):
         push = self.args.push_to_hub and not _internal_call
         into_output_dir = output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir)
         if not (push and into_output_dir):
-            super().save_model(output_dir, _internal_call=True)
+            if self.args.merge_adapter and self.is_deepspeed_enabled and zero3.is_partitioned(self.model):
+                # ZeRO-3 + PEFT gathers the trainable weights only; merging needs them all (every process gathers)
+                self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.deepspeed))
+            else:
+                super().save_model(output_dir, _internal_call=True)
         if push:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -406,7 +484,7 @@ class UnlearningTrainer(HubMixin, Trainer):
         remove, carry = save_plan(target, self.args.output_dir, previous, self.args.overwrite_output_dir)
         staged = StagedSave(target, remove=remove, carry=carry)
         with staged as staging:
-            self.objective.save_weights(model, staging, self._adapter_name, self.args.merge_adapter, state_dict)
+            self.model_objective.save_weights(model, staging, self._adapter_name, self.args.merge_adapter, state_dict)
             strategy = {"name": self.strategy.name, "paper": self.strategy.paper, **self.strategy.hyperparameters}
             record = self.text_format_record()  # how the rows were rendered, as the card says
             coreset = self.coreset.to_dict() if self.coreset is not None else None

@@ -69,7 +69,7 @@ def test_unlearning_one_digit(tmp_path, digits, strategy):
         forget_dataset=pixel_rows(x, y, forget_idx),
         retain_dataset=pixel_rows(x, y, retain_idx) if strategy != "ga" else None,
     )
-    assert trainer.objective.name == "classification"
+    assert trainer.model_objective.name == "classification"
     trainer.train()
     after_forget, after_retain = accuracy(model, x[test_forget], 3), accuracy(model, x[test_retain], y[test_retain])
     assert after_forget < 0.2, (strategy, before_forget, after_forget)

@@ -88,7 +88,7 @@ def test_pipeline_keeps_the_original_model_as_reference(tmp_path, tokenizer, tin
     assert len(trainers) == 2 and trainers[1].model is trainers[0].model
     after_stage_1 = trainers[0].state.log_history  # stage 1 really moved the model
     assert after_stage_1[-2]["forget_nll"] > after_stage_1[0]["forget_nll"]
-    reference = trainers[1].reference.scores(trainers[1].objective, batch).sequence_logprob
+    reference = trainers[1].reference.scores(trainers[1].model_objective, batch).sequence_logprob
     assert torch.allclose(reference, original, atol=1e-4)
     current, _ = _forget_logprob(trainers[1].model, tokenizer, forget)
     assert not torch.allclose(current, original, atol=1e-2)
@@ -118,7 +118,7 @@ def test_pipeline_by_name_from_the_config(tmp_path, tokenizer, tiny_llama, tofu_
     output = trainer.train()
     assert output.metrics["stage_0_ga/train_loss"] < 0 < output.metrics["stage_1_npo/train_loss"]
     assert trainer.state.global_step == 5
-    reference = trainer.reference.scores(trainer.objective, batch).sequence_logprob
+    reference = trainer.reference.scores(trainer.model_objective, batch).sequence_logprob
     assert torch.allclose(reference, original, atol=1e-4)
     current, _ = _forget_logprob(trainer.model, tokenizer, forget)
     assert (current < original - 1.0).all()

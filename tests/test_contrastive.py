@@ -411,7 +411,7 @@ def test_npo_reference_is_the_model_not_a_cache(random_clip, tmp_path):
     rows = [{"pixel_values": p, "input_ids": ids[y]} for p, y in zip(pixel_values, labels)]
     args = dict(output_dir=str(tmp_path), strategy="npo", retain_loss="none", report_to="none")
     trainer = UnlearningTrainer(copy.deepcopy(clip), UnlearningConfig(**args), forget_dataset=rows)
-    assert trainer.objective.name == "contrastive" and trainer.reference_mode == "copy"
+    assert trainer.model_objective.name == "contrastive" and trainer.reference_mode == "copy"
     with pytest.raises(ValueError, match="cannot be cached"):
         UnlearningTrainer(clip, UnlearningConfig(**args, reference="cached"), forget_dataset=rows)
 

@@ -226,7 +226,7 @@ def test_a_retain_coreset_keeps_the_selectors_rows_and_is_recorded(tmp_path, tok
     assert (side.rows, side.kept, side.features) == (40, 10, "embeddings") and "forget" not in trainer.coreset.sides
     full = _trainer(tmp_path / "full", tokenizer, tofu_slice)
     embeddings = example_features(
-        "embeddings", small_llama(tokenizer), trainer.objective, full.data_collator.side_collator,
+        "embeddings", small_llama(tokenizer), trainer.model_objective, full.data_collator.side_collator,
         full.train_dataset.retain, disable_tqdm=True,
     )  # fmt: skip
     assert side.indices == get_selector("herding").select(10, embeddings).tolist()

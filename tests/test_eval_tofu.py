@@ -14,7 +14,13 @@ from erasus_hf.evaluation.generation import greedy_generate, rouge_f1, rouge_rec
 from erasus_hf.evaluation.likelihood import truth_ratio, truth_ratio_score
 from erasus_hf.evaluation.result import EvaluationResult
 from erasus_hf.evaluation.suite import MetricSuite
-from erasus_hf.evaluation.tofu import TOFUEvaluator, forget_quality, harmonic_mean, normalised_probability
+from erasus_hf.evaluation.tofu import (
+    TOFUEvaluator,
+    forget_ks_statistic,
+    forget_quality,
+    harmonic_mean,
+    normalised_probability,
+)
 
 GEN_TOKENS = 160
 """The slice's answers run to 137 tokens with the 512-token test tokenizer; 160 new tokens let every one finish."""
@@ -82,6 +88,18 @@ def test_forget_quality_ks_p_value():
     assert forget_quality([0.01 * i for i in range(50)], [10 + 0.01 * i for i in range(50)]) < 1e-20
     with pytest.raises(ValueError, match="both sides"):
         forget_quality([], [1.0])
+
+
+def test_forget_ks_statistic_is_the_largest_gap_of_the_two_empirical_distributions():
+    assert forget_ks_statistic([0.3, 0.9, 1.2], [0.3, 0.9, 1.2]) == 0.0
+    assert forget_ks_statistic([1, 2, 3, 4, 5], [11, 12, 13, 14, 15]) == 1.0
+    # F(x) of [1, 2, 3, 4] and of [3, 4, 5, 6]: at x = 2 the first is 2/4, the second 0: D = 0.5
+    assert forget_ks_statistic([1, 2, 3, 4], [3, 4, 5, 6]) == 0.5
+    # where the p-value saturates, D still tells two near-identical samples apart
+    base = list(range(40))
+    near, nearer = [x + 3 for x in base], [x + 1 for x in base]
+    assert forget_quality(near, base) > 0.99 and forget_quality(nearer, base) > 0.99
+    assert forget_ks_statistic(near, base) == pytest.approx(3 / 40) and forget_ks_statistic(nearer, base) == 1 / 40
 
 
 # ---------------------------------------------------------------- data

@@ -264,7 +264,7 @@ def test_t5_forgets_one_tofu_author(tmp_path, tokenizer, t5_authors, strategy, u
         processing_class=tokenizer,
         objective=explicit,
     )
-    assert trainer.objective.name == "seq2seq"
+    assert trainer.model_objective.name == "seq2seq"
     if use_peft:
         assert type(trainer.model).__name__ == "PeftModelForSeq2SeqLM"
     trainer.train()

@@ -390,7 +390,7 @@ def test_ctc_recogniser_forgets_a_word(tmp_path, wav2vec2_data, ctc_recogniser, 
     before = {name: mean_nll(model, objective, rows) for name, rows in sets.items()}
     args = unlearning_config(tmp_path, strategy, lr, epochs, use_peft)
     trainer = UnlearningTrainer(model, args, forget_dataset=sets["forget"], retain_dataset=sets["retain"])
-    assert trainer.objective.name == "ctc"
+    assert trainer.model_objective.name == "ctc"
     trainer.train()
     after = {name: mean_nll(trainer.model, objective, rows) for name, rows in sets.items()}
     # measured (CTC loss per character): forget 0.088 -> 1.05, held-out voice's forget 0.21 -> 0.92; retain
@@ -420,7 +420,7 @@ def test_keyword_classifier_forgets_a_word(
     trainer = UnlearningTrainer(
         model, args, forget_dataset=sets["forget"], retain_dataset=sets["retain"], data_collator=AudioCollator()
     )
-    assert trainer.objective.name == "classification"
+    assert trainer.model_objective.name == "classification"
     trainer.train()
     after = {name: accuracy(trainer.model, rows) for name, rows in sets.items()}
     # measured (accuracy): npo forget 0.95 -> 0.05, held-out voice's forget 0.75 -> 0.25 (1 clip of 4), retain

@@ -100,7 +100,7 @@ def test_pretrained_adapter_is_snapshot_as_reference(tmp_path, tokenizer, tiny_l
     assert not torch.allclose(trainer.model(**inputs).logits, starting_logits, atol=1e-4)  # it trained
     batch = {k: v for k, v in inputs.items()}
     batch["labels"] = batch["input_ids"]
-    ref = trainer.reference.scores(trainer.objective, batch)
+    ref = trainer.reference.scores(trainer.model_objective, batch)
     assert torch.allclose(ref.logits, starting_logits[:, :-1], atol=1e-5)
     trainer.save_model()
     saved = os.listdir(tmp_path / "out")
@@ -232,7 +232,7 @@ def test_copy_reference_stays_the_start_when_forward_was_patched(tmp_path, token
     assert trainer.reference_mode == "copy"
     trainer.train()
     assert not torch.allclose(tiny_llama(**batch).logits, starting, atol=1e-4)
-    assert torch.allclose(trainer.reference.scores(trainer.objective, batch).logits, starting[:, :-1], atol=1e-6)
+    assert torch.allclose(trainer.reference.scores(trainer.model_objective, batch).logits, starting[:, :-1], atol=1e-6)
 
 
 def test_model_given_as_a_local_path_loads_with_its_tokenizer(tmp_path, tokenizer, tiny_llama, tofu_slice):

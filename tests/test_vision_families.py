@@ -61,7 +61,7 @@ def unlearn_digit(model, inputs, labels, train, tmp_path, strategy, lr, epochs, 
         forget_dataset=pixel_rows(inputs, labels, forget),
         retain_dataset=pixel_rows(inputs, labels, retain),
     )
-    assert trainer.objective.name == "classification"
+    assert trainer.model_objective.name == "classification"
     trainer.train()
     return trainer
 

@@ -238,7 +238,7 @@ def unlearn(model, rows, forget_idx, retain_idx, tmp_path, strategy: str, **conf
         forget_dataset=[rows[i] for i in forget_idx.tolist()],
         retain_dataset=[rows[i] for i in retain_idx.tolist()],
     )
-    assert trainer.objective.name == "vision_language"
+    assert trainer.model_objective.name == "vision_language"
     trainer.train()
     return trainer
 

@@ -20,6 +20,8 @@ from erasus_hf.modeling import build_tiny_llama, sft_train, train_tokenizer
 
 from .presets import Preset
 
+FORGET10_FIRST_AUTHOR = 180  # forget10_perturbed holds authors 180-199, 20 rows each, in order
+
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "tofu"
 """`../shared/data/tofu` beside the clone; without it the splits come from the Hub (`locuslab/TOFU`)."""
 
@@ -40,6 +42,12 @@ class Splits:
     forget: Dataset  # forgetXX_perturbed: question/answer/paraphrased_answer/perturbed_answer
     retain_eval: Dataset  # retain_perturbed rows, authors inside train_retain
     holdout: Dataset  # question/answer rows of authors neither model saw
+    tuning_forget: Dataset | None = None  # the tuning authors' forget10_perturbed rows (None: the preset has none)
+
+    @property
+    def forget_groups(self) -> list[Dataset]:
+        """The perturbed rows of every forget group the models may see: the reported one, and the tuning one."""
+        return [self.forget] + ([self.tuning_forget] if self.tuning_forget is not None else [])
 
 
 def _authors(full: Dataset, authors: range) -> Dataset:
@@ -56,17 +64,27 @@ def load_splits(preset: Preset, data_dir: str | None) -> Splits:
     overlap = forget_questions & (set(train_retain["question"]) | set(holdout["question"]))
     if overlap:
         raise ValueError(f"Preset {preset.name!r}: {len(overlap)} forget questions are also retain or holdout rows.")
+    tuning_forget = None
+    if preset.tuning_authors is not None:
+        first = FORGET10_FIRST_AUTHOR
+        if preset.tuning_authors.start < first or preset.tuning_authors.stop > first + 20:
+            raise ValueError(f"Preset {preset.name!r}: tuning authors must lie in forget10 (authors 180-199).")
+        tuning_forget = load_tofu("forget10_perturbed", **kwargs)
+        rows = [(a - first) * QA_PER_AUTHOR + i for a in preset.tuning_authors for i in range(QA_PER_AUTHOR)]
+        tuning_forget = tuning_forget.select(rows)
+        if set(tuning_forget["question"]) & (forget_questions | set(train_retain["question"])):
+            raise ValueError(f"Preset {preset.name!r}: the tuning authors overlap the forget or retain authors.")
     retain_eval = load_tofu("retain_perturbed", **kwargs)
     retain_eval = retain_eval.select(range(min(preset.retain_eval_rows, len(retain_eval))))
     missing = set(retain_eval["question"]) - set(train_retain["question"])
     if missing:
         raise ValueError(f"Preset {preset.name!r}: {len(missing)} retain evaluation rows are not retain authors.")
-    return Splits(train_retain, forget, retain_eval, holdout)
+    return Splits(train_retain, forget, retain_eval, holdout, tuning_forget)
 
 
 def tokenizer_texts(splits: Splits) -> list[str]:
     texts = list(splits.train_retain["question"]) + list(splits.train_retain["answer"])
-    for rows in (splits.forget, splits.retain_eval):
+    for rows in (*splits.forget_groups, splits.retain_eval):
         texts += list(rows["question"]) + list(rows["answer"]) + list(rows["paraphrased_answer"])
         texts += [a for perturbed in rows["perturbed_answer"] for a in perturbed]
     return texts + list(splits.holdout["question"]) + list(splits.holdout["answer"])
@@ -76,7 +94,7 @@ def _fingerprint(preset: Preset, splits: Splits) -> str:
     """What a cached model depends on: the model size, the training settings and the exact training text."""
     settings = [asdict(preset.model), preset.sft_epochs, preset.sft_learning_rate, preset.sft_batch_size]
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for rows in (splits.train_retain, splits.forget):
+    for rows in (splits.train_retain, *splits.forget_groups):
         for q, a in zip(rows["question"], rows["answer"], strict=True):
             h.update(f"{q}\0{a}\0".encode())
     return h.hexdigest()[:16]
@@ -111,20 +129,24 @@ def train_model(preset: Preset, tokenizer, rows: Dataset, seed: int, quiet: bool
     return model, time.perf_counter() - start
 
 
+def model_names(splits: Splits) -> tuple[str, ...]:
+    return ("finetuned", "retain") + (("tuning",) if splits.tuning_forget is not None else ())
+
+
 def trained_models(
     preset: Preset, splits: Splits, cache_dir: str, seed: int = 0, quiet: bool = False, retrain: bool = False
 ) -> dict:
-    """The finetuned model (retain + forget authors) and the retain model (retain authors only), trained the same way
-    from the same initialisation, with the tokenizer. Loaded from `cache_dir/<preset>/` when a cached copy was trained
-    from the same settings and text; `retrain=True` trains both again. Returns models, tokenizer, and `meta` with the
-    training wall time of each."""
+    """The finetuned model (retain + forget authors), the retain model (retain authors only) and, with tuning authors,
+    the tuning model (retain + tuning authors), trained the same way from the same initialisation, with the tokenizer.
+    Loaded from `cache_dir/<preset>/` when a cached copy was trained from the same settings and text; `retrain=True`
+    trains them again. Returns models, tokenizer, and `meta` with the training wall time of each."""
     root = Path(cache_dir) / preset.name
     key = f"{_fingerprint(preset, splits)}-seed{seed}"
     meta_path = root / "meta.json"
     if not retrain and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         meta = json.loads(meta_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(root / "finetuned")
-        models = {name: AutoModelForCausalLM.from_pretrained(root / name) for name in ("finetuned", "retain")}
+        models = {name: AutoModelForCausalLM.from_pretrained(root / name) for name in model_names(splits)}
         return {**models, "tokenizer": tokenizer, "meta": {**meta, "cached": True}}
 
     tokenizer = train_tokenizer(tokenizer_texts(splits), vocab_size=preset.model.vocab_size)
@@ -132,6 +154,9 @@ def trained_models(
         "finetuned": concatenate_datasets([splits.train_retain, splits.forget.select_columns(["question", "answer"])]),
         "retain": splits.train_retain,
     }
+    if splits.tuning_forget is not None:
+        tuning = splits.tuning_forget.select_columns(["question", "answer"])
+        rows["tuning"] = concatenate_datasets([splits.train_retain, tuning])
     models, meta = {}, {"key": key, "seed": seed, "transformers": transformers.__version__, "torch": torch.__version__}
     for name, data in rows.items():
         print(f"Training the {name} model from scratch on {len(data)} TOFU question/answer pairs (TRL SFTTrainer)...")

@@ -16,7 +16,11 @@ class Preset:
       model only; its paraphrased and perturbed answers give the forget truth ratios;
     - holdout authors: neither model sees them; they are the membership-inference non-members;
     - retain evaluation: the first `retain_eval_rows` rows of `retain_perturbed` (authors 0-19, a subset of the
-      retain authors), TOFU's retain set.
+      retain authors), TOFU's retain set;
+    - tuning authors: a forget group disjoint from the reported one (rows of `forget10_perturbed`, which holds
+      authors 180-199), on which the recipes' hyperparameters are searched (`benchmarks.tofu_mini.tune`). A third
+      model, the *tuning model*, trains on the retain authors and these; the retain model, which saw neither group,
+      is the reference of both.
     """
 
     name: str
@@ -25,6 +29,7 @@ class Preset:
     holdout_authors: range
     retain_eval_rows: int
     model: TinyModelSettings
+    tuning_authors: range | None = None
     sft_epochs: int = 25
     sft_learning_rate: float = 3e-3
     sft_batch_size: int = 16
@@ -42,6 +47,7 @@ SMALL = Preset(
     holdout_authors=range(170, 175),
     retain_eval_rows=100,
     model=TinyModelSettings(vocab_size=2048, hidden_size=128, num_layers=2, intermediate_size=256),
+    tuning_authors=range(188, 190),
     notes="2 CPU cores, under 30 minutes with the models cached",
 )
 
@@ -52,6 +58,7 @@ PRESETS = {
         name="small_forget05",
         forget_split="forget05",
         holdout_authors=range(170, 180),
+        tuning_authors=None,  # its recipes are the ones tuned on `small`'s tuning authors (188-189)
         notes="the forget05-size group on the small model",
     ),
     "large": Preset(

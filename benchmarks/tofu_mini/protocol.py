@@ -13,12 +13,12 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-from erasus_hf import UnlearningConfig, UnlearningTrainer
+from erasus_hf import UnlearningTrainer
 from erasus_hf.data.tofu import TOFUDataset
 from erasus_hf.evaluation import EvaluationResult, MIAEvaluator, TOFUEvaluator
 from erasus_hf.strategies import get_strategy
 
-from .methods import Method
+from .methods import Method, method_config
 from .models import Splits
 from .presets import Preset
 
@@ -125,35 +125,11 @@ def run_method(
     settings, train seconds, peak memory, forget quality after every epoch (`trace`) and the metrics of the
     unlearned model (`final_evaluation`; without it only the last epoch's forget quality), the coreset the run
     trained on (`method.config`'s `coreset` options; without the kept indices) and `after(unlearned model)`."""
-    if mode not in ("lora", "full"):
-        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
-    lora = mode == "lora"
-    learning_rate = method.lora_lr if lora else method.full_lr
     one_shot = getattr(get_strategy(method.strategy, **method.kwargs), "one_shot", False)
     model = copy.deepcopy(finetuned).to(device)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = UnlearningConfig(
-            output_dir=output_dir,
-            divergence_factor=None,  # the table reports what each method does, a collapse included
-            strategy=method.strategy,
-            strategy_kwargs=method.kwargs,
-            retain_loss=method.retain_loss,
-            use_peft=lora,
-            lora_r=8,
-            lora_alpha=16,
-            learning_rate=learning_rate,
-            num_train_epochs=preset.unlearn_epochs,
-            per_device_train_batch_size=preset.batch_size,
-            per_device_eval_batch_size=preset.eval_batch_size,
-            lr_scheduler_type="constant",
-            save_strategy="no",
-            logging_steps=5,
-            report_to="none",
-            disable_tqdm=quiet,
-            use_cpu=device == "cpu",
-            seed=seed,
-            **method.config,
-        )
+        args = method_config(method, mode, preset, output_dir, seed, quiet, use_cpu=device == "cpu")
+        learning_rate = args.learning_rate
         _, forget_only, _ = evaluators(preset, splits)
         tracer = ForgetQualityTrace(forget_only, tokenizer, reference) if trace and not one_shot else None
         with PeakMemory(device) as memory:
@@ -177,7 +153,7 @@ def run_method(
     if trace and one_shot:  # no epochs to trace: the one edit at the end is the only point
         points = [
             {
-                "epoch": preset.unlearn_epochs,
+                "epoch": args.num_train_epochs,
                 "train_seconds": seconds,
                 "forget_quality": evaluation["metrics"]["forget_quality"],
             }
@@ -186,6 +162,8 @@ def run_method(
         "method": method.strategy,
         "mode": mode,
         "learning_rate": learning_rate,
+        "num_train_epochs": args.num_train_epochs,
+        "seed": seed,
         "strategy_kwargs": method.kwargs,
         "retain_loss": method.retain_loss,
         "reference": trainer.reference_mode,

@@ -13,6 +13,7 @@ import erasus_hf
 
 COLUMNS = (
     ("forget_quality", "FQ", "{:.2e}"),
+    ("forget_ks_statistic", "KS D", "{:.3f}"),
     ("model_utility", "MU", "{:.3f}"),
     ("forget_truth_ratio", "forget TR", "{:.3f}"),
     ("forget_prob", "forget P", "{:.3f}"),
@@ -21,7 +22,12 @@ COLUMNS = (
     ("retain_rouge", "retain ROUGE", "{:.3f}"),
     ("loss_auc", "MIA LOSS", "{:.3f}"),
     ("min_k_plus_plus_auc", "MIA Min-K%++", "{:.3f}"),
+    ("best_epoch_forget_quality", "best-epoch FQ", "{:.2e}"),
+    ("train_seconds", "train s", "{:.1f}"),
+    ("peak_mib", "peak MiB", "{:.0f}"),
 )
+"""(metric, header, format): every cell is the mean over the seeds, ± the standard deviation where there are
+several; forget quality's spread is shown with one significant digit."""
 
 
 def environment(device: str) -> dict:
@@ -36,61 +42,98 @@ def environment(device: str) -> dict:
     }
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key not in row["metrics"]:
+        return "-"
+    mean = fmt.format(row["metrics"][key])
+    spread = row.get("std", {}).get(key)
+    if spread is None or len(row.get("seeds", [])) < 2:
+        return mean
+    return f"{mean} ± {spread:.0e}" if "e" in fmt else f"{mean} ± {fmt.format(spread)}"
+
+
+def finetuned_utility(results: dict) -> float | None:
+    return next((r["metrics"]["model_utility"] for r in results["rows"] if r["method"] == "finetuned"), None)
+
+
 def markdown(results: dict) -> str:
     env, preset = results["environment"], results["preset"]
+    seeds = results.get("seeds", [])
     lines = [
         f"`{results['command']}` on {env['machine']} ({env['threads']} threads), torch {env['torch']}, "
         f"transformers {env['transformers']}, erasus_hf {env['erasus_hf']}; {results['seconds']:.0f} s in all.",
         "",
         f"Preset `{preset['name']}`: {results['models']['parameters'] / 1e6:.2f}M-parameter Llama; "
         f"{results['models']['finetuned_train_rows']} training rows (finetuned), "
-        f"{results['models']['retain_train_rows']} (retain); forget `{preset['forget_split']}`; "
-        f"{preset['unlearn_epochs']} unlearning epochs, batch {preset['batch_size']}.",
+        f"{results['models']['retain_train_rows']} (retain); forget `{preset['forget_split']}`; batch "
+        f"{preset['batch_size']}; recipes of `trainers/recipes/tofu_mini/`; mean ± standard deviation over seeds "
+        f"{', '.join(map(str, seeds))}. MU/ft = model utility over the finetuned model's.",
         "",
-        "| model | mode | lr | " + " | ".join(c[1] for c in COLUMNS) + " | best-epoch FQ | train s | peak MiB |",
-        "|---" * (len(COLUMNS) + 6) + "|",
+        "| model | mode | lr | epochs | "
+        + " | ".join(c[1] for c in COLUMNS[:3])
+        + " | MU/ft | "
+        + " | ".join(c[1] for c in COLUMNS[3:])
+        + " |",
+        "|---" * (len(COLUMNS) + 5) + "|",
     ]
+    finetuned = finetuned_utility(results)
     for row in results["rows"]:
-        metrics = row["metrics"]
-        cells = [c[2].format(metrics[c[0]]) if c[0] in metrics else "-" for c in COLUMNS]
-        lr = f"{row['learning_rate']:.0e}" if "learning_rate" in row else "-"
-        seconds = f"{row['train_seconds']:.1f}" if "train_seconds" in row else "-"
-        peak = f"{row['peak_mib']:.0f}" if "peak_mib" in row else "-"
-        best = max(row.get("trace", []), key=lambda point: point["forget_quality"], default=None)
-        best = f"{best['forget_quality']:.2e} ({best['epoch']})" if best else "-"
-        cells += [best, seconds, peak]
-        lines.append(f"| {row['method']} | {row.get('mode', '-')} | {lr} | " + " | ".join(cells) + " |")
+        cells = [_cell(row, key, fmt) for key, _, fmt in COLUMNS]
+        ratio = f"{row['metrics']['model_utility'] / finetuned:.3f}" if finetuned else "-"
+        cells.insert(3, ratio)
+        lr = f"{row['learning_rate']:.1e}" if "learning_rate" in row else "-"
+        epochs = f"{row['num_train_epochs']:g}" if "num_train_epochs" in row else "-"
+        lines.append(f"| {row['method']} | {row.get('mode', '-')} | {lr} | {epochs} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def scatter(results: dict, path: Path) -> None:
+    """Forget quality (log) against model utility, each method and mode a marker with its seeds' spread as error
+    bars, named in a legend (colour = method, filled circle = LoRA, square = full); the right panel zooms on the
+    methods that keep at least 0.85 of the finetuned model's utility, where they cluster."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for row in results["rows"]:
-        m = row["metrics"]
-        marker = {"lora": "o", "full": "s"}.get(row.get("mode"), "*")
-        ax.scatter(m["model_utility"], m["forget_quality"], marker=marker, s=60 if marker != "*" else 160)
-        ax.annotate(
-            f"{row['method']}" + (f" ({row['mode']})" if "mode" in row else ""),
-            (m["model_utility"], m["forget_quality"]),
-            fontsize=7,
-            xytext=(4, 2),
-            textcoords="offset points",
-        )
-    finetuned = next((r["metrics"]["model_utility"] for r in results["rows"] if r["method"] == "finetuned"), None)
-    if finetuned is not None:  # the goal: forget quality above 0.1 with at least 0.9 of the finetuned utility
-        ax.axhline(0.1, color="gray", linestyle="--", linewidth=0.8)
-        ax.axvline(0.9 * finetuned, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("model utility (retain-side harmonic mean)")
-    ax.set_ylabel("forget quality (KS p-value vs the retain model)")
-    ax.set_title(f"TOFU from scratch, preset {results['preset']['name']} (o LoRA, s full, * models)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    finetuned = finetuned_utility(results)
+    methods = sorted({r["method"] for r in results["rows"] if "mode" in r})
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax in axes:
+        for row in results["rows"]:
+            m, sd = row["metrics"], row.get("std", {})
+            if "mode" in row:
+                style = {"color": colours[row["method"]], "marker": "o" if row["mode"] == "lora" else "s"}
+                label = f"{row['method']} ({row['mode']})"
+            else:
+                style = {"color": "black", "marker": "*" if row["method"] == "retain model" else "X"}
+                label = row["method"]
+            ax.errorbar(
+                m["model_utility"],
+                max(m["forget_quality"], 1e-6),
+                xerr=sd.get("model_utility", 0.0),
+                yerr=sd.get("forget_quality", 0.0),
+                linestyle="none",
+                markersize=8 if "mode" in row else 12,
+                capsize=2,
+                label=label,
+                **style,
+            )
+        if finetuned is not None:  # the goal: forget quality 0.5 with 0.95 of the finetuned model's utility
+            ax.axhline(0.5, color="gray", linestyle="--", linewidth=0.8)
+            ax.axvline(0.95 * finetuned, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("model utility (retain-side harmonic mean)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("forget quality (KS p-value vs the retain model)")
+    axes[0].set_title(f"TOFU from scratch, preset {results['preset']['name']}")
+    if finetuned is not None:
+        axes[1].set_xlim(0.85 * finetuned, 1.02 * finetuned)
+        axes[1].set_title("zoom: utility within 85% of the finetuned model's")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -59,10 +59,11 @@ class DiffusionStrategy(Strategy):
         return super().compute_loss(ctx, forget, retain)
 
 
-def objective_of(ctx: StrategyContext) -> DiffusionObjective:
-    if not isinstance(ctx.objective, DiffusionObjective):
-        raise TypeError(f"Diffusion strategies need a DiffusionObjective, got {type(ctx.objective).__name__}.")
-    return ctx.objective
+def objective_of(objective: object) -> DiffusionObjective:
+    """`objective` (a step's `ctx.objective`, or the trainer's `model_objective`), refused unless diffusion's."""
+    if not isinstance(objective, DiffusionObjective):
+        raise TypeError(f"Diffusion strategies need a DiffusionObjective, got {type(objective).__name__}.")
+    return objective
 
 
 def frozen_reference(ctx: StrategyContext) -> UNetReference:

@@ -62,7 +62,7 @@ class ConceptAblation(DiffusionStrategy):
                 "Concept Ablation needs forget rows with 'prompt' (the target), 'anchor_prompt' and 'pixel_values' "
                 "(images of the anchor concept)."
             )
-        objective = objective_of(ctx)
+        objective = objective_of(ctx.objective)
         latents = objective.encode_images(forget["pixel_values"])
         noise = torch.randn_like(latents)
         timesteps = objective.random_timesteps(latents.shape[0], latents.device)

@@ -90,7 +90,7 @@ class ESD(DiffusionStrategy):
         select_trainable(model, ESD_VARIANTS[self.variant], f"ESD variant {self.variant!r}")
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):
-        objective = objective_of(ctx)
+        objective = objective_of(ctx.objective)
         embeddings = objective.encode_prompts(forget["input_ids"])
         batch_size, device = embeddings.shape[0], embeddings.device
         null = objective.null_embeddings(batch_size, device)

@@ -93,7 +93,7 @@ class DiffusionSalUn(MaskedUpdates, DiffusionStrategy):
 
     def saliency_gradients(self, trainer) -> dict[str, torch.Tensor]:
         """Sum of the forget-loss gradients over the whole forget set, per trained parameter."""
-        objective, unet = objective_of(trainer), trainer.model
+        objective, unet = objective_of(trainer.model_objective), trainer.model
         batches = side_batches(
             trainer, trainer.train_dataset.forget, batch_size=trainer.args.per_device_train_batch_size
         )
@@ -103,7 +103,7 @@ class DiffusionSalUn(MaskedUpdates, DiffusionStrategy):
     def setup(self, trainer) -> dict[str, float]:
         self.teardown()
         if self.pseudo_prompts is not None:
-            self._pseudo_ids = objective_of(trainer).collator.tokenize_prompts(self.pseudo_prompts)
+            self._pseudo_ids = objective_of(trainer.model_objective).collator.tokenize_prompts(self.pseudo_prompts)
         elif trainer.train_dataset.retain is None:
             raise ValueError("SalUn needs pseudo prompts: pass pseudo_prompts=[...] or a retain set (other concepts).")
         kept = self.install_masks(trainer, saliency_masks(self.saliency_gradients(trainer), self.mask_fraction))
@@ -128,7 +128,7 @@ class DiffusionSalUn(MaskedUpdates, DiffusionStrategy):
         self.require_images(forget)
         if not self.masks and ctx.training:
             raise RuntimeError("SalUn's saliency mask is not built; train it through UnlearningTrainer.train().")
-        objective = objective_of(ctx)
+        objective = objective_of(ctx.objective)
         latents = objective.encode_images(forget["pixel_values"])
         noise = torch.randn_like(latents)
         timesteps = objective.random_timesteps(latents.shape[0], latents.device)

@@ -174,7 +174,7 @@ class UCE(DiffusionStrategy):
 
     @torch.no_grad()
     def apply(self, trainer) -> dict[str, float]:
-        objective = trainer.objective
+        objective = trainer.model_objective
         if not isinstance(objective, DiffusionObjective):
             raise TypeError("UCE needs the DiffusionObjective.")
         unet = trainer.accelerator.unwrap_model(trainer.model)

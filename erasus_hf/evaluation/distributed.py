@@ -3,8 +3,9 @@
 `map_sharded(fn, items)` gives exactly what `fn(items)` gives on one process: each process takes a contiguous block
 of `items` (accelerate's `split_between_processes`), and the blocks' results are gathered in rank order. The
 per-example computations of every metric go through it, so their summaries do not depend on the process count.
-Models sharded across processes (FSDP, DeepSpeed ZeRO-3) need every process in every forward pass; evaluate those
-with `sharded=False`, where every process runs the full set.
+The blocks are padded to one length (the last item repeated, its results dropped): a model sharded across processes
+(FSDP, DeepSpeed ZeRO-3) needs every process in every forward pass, so a process with one block fewer would leave
+the others waiting in their all-gather forever. `sharded=False` runs the full set on every process.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ def map_sharded(fn: Callable[[list[T]], list[R]], items: Sequence[T], sharded: b
     state = PartialState()
     if not sharded or state.num_processes == 1:
         return fn(list(items))
-    with state.split_between_processes(list(items)) as block:
+    per_process, extras = divmod(len(items), state.num_processes)
+    width = per_process + (1 if extras else 0)  # every padded block's length
+    with state.split_between_processes(list(items), apply_padding=True) as block:
         out = fn(list(block))
+    if len(out) != width:
+        raise RuntimeError(f"fn gave {len(out)} results for {width} items; fn must map one to one.")
     gathered = gather_object(out)
-    if len(gathered) != len(items):
-        raise RuntimeError(f"Gathered {len(gathered)} results for {len(items)} items; fn must map one to one.")
-    return gathered
+    # rank r's block holds per_process (+1 for the first `extras` ranks) items, then its padding
+    return [
+        result
+        for rank in range(state.num_processes)
+        for result in gathered[rank * width : rank * width + per_process + int(rank < extras)]
+    ]

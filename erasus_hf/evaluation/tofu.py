@@ -89,12 +89,23 @@ def harmonic_mean(values: Sequence[float]) -> float:
 def forget_quality(truth_ratios: Sequence[float], reference_truth_ratios: Sequence[float]) -> float:
     """TOFU's forget quality: the p-value of ``scipy.stats.ks_2samp`` (two-sided) between the evaluated model's
     per-example forget truth ratios and the reference (retain) model's. High (near 1) = indistinguishable."""
+    return float(_forget_ks(truth_ratios, reference_truth_ratios).pvalue)
+
+
+def forget_ks_statistic(truth_ratios: Sequence[float], reference_truth_ratios: Sequence[float]) -> float:
+    """The KS statistic behind forget quality: the largest gap between the two empirical distributions of truth
+    ratios (0 = the same). On n rows the p-value moves in coarse steps and saturates near 1; the statistic tells
+    methods apart where the p-value does not (it is reported beside forget quality, not in place of it)."""
+    return float(_forget_ks(truth_ratios, reference_truth_ratios).statistic)
+
+
+def _forget_ks(truth_ratios: Sequence[float], reference_truth_ratios: Sequence[float]):
     if len(truth_ratios) == 0 or len(reference_truth_ratios) == 0:
         raise ValueError(
             f"Forget quality needs truth ratios on both sides; got {len(truth_ratios)} and "
             f"{len(reference_truth_ratios)}."
         )
-    return float(ks_2samp(list(truth_ratios), list(reference_truth_ratios)).pvalue)
+    return ks_2samp(list(truth_ratios), list(reference_truth_ratios))
 
 
 RENDERING_KEYS = ("qa", "prompt_template", "chat_template_sha256", "system_prompt")
@@ -127,10 +138,11 @@ class TOFUEvaluator(Evaluator):
     """Prob, ROUGE and truth ratio of every set of `data`, forget quality against a reference run, model utility.
 
     Summary keys ``{name}/{split}_prob``, ``{name}/{split}_rouge``, ``{name}/{split}_truth_ratio`` (aggregates),
-    ``{name}/forget_quality`` (only with a reference evaluation holding ``{name}/forget_truth_ratio``) and
-    ``{name}/model_utility``; per-example keys ``{name}/{split}_prob``, ``{name}/{split}_rouge`` and
-    ``{name}/{split}_truth_ratio`` (the raw TR, what a later run's KS test reads); ``rows["{name}/{split}"]`` the
-    count and fingerprints of each set scored (what a later run's reference check reads).
+    ``{name}/forget_quality`` and ``{name}/forget_ks_statistic`` (only with a reference evaluation holding
+    ``{name}/forget_truth_ratio``) and ``{name}/model_utility``; per-example keys ``{name}/{split}_prob``,
+    ``{name}/{split}_rouge`` and ``{name}/{split}_truth_ratio`` (the raw TR, what a later run's KS test reads);
+    ``rows["{name}/{split}"]`` the count and fingerprints of each set scored (what a later run's reference check
+    reads).
 
     Args:
         data: the evaluation sets.
@@ -244,6 +256,8 @@ class TOFUEvaluator(Evaluator):
         if reference_ratios is not None:
             key = f"{name}/forget_truth_ratio"
             result.summary[f"{name}/forget_quality"] = forget_quality(result.per_example[key], reference_ratios)
+            statistic = forget_ks_statistic(result.per_example[key], reference_ratios)
+            result.summary[f"{name}/forget_ks_statistic"] = statistic
         elif self.data.forget is None:
             result.meta[f"{name}/forget_quality_missing"] = "not computed: the forget set was not evaluated."
         else:

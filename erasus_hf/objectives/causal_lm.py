@@ -55,9 +55,15 @@ class CausalLMObjective(Objective):
         return QACollator(processing_class, max_length=args.max_length, text_format=args.text_format())
 
     def score(self, model: nn.Module, batch: dict[str, torch.Tensor], hidden_layer: int | None = None) -> Scores:
+        """Score every position's next token. The cross-entropy runs over the model's whole (contiguous) logits with
+        the labels shifted left and -100 in the last column, as transformers' own causal-LM loss does: the slice
+        `logits[:, :-1]` is not contiguous, and flattening it for the loss would copy the [B, T, V] logits (and
+        their gradient) once more each pass. The last position's score is dropped; the values are the same."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         outputs = model(**inputs, use_cache=False, output_hidden_states=hidden_layer is not None)
-        logits = outputs.logits[:, :-1]
-        logprobs, mask = token_logprobs_from_logits(logits, batch["labels"][:, 1:])
+        shifted = nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+        logprobs, mask = token_logprobs_from_logits(outputs.logits, shifted)
         hidden = outputs.hidden_states[hidden_layer] if hidden_layer is not None else None
-        return Scores(token_logprobs=logprobs, mask=mask, logits=logits, hidden_states=hidden)
+        return Scores(
+            token_logprobs=logprobs[:, :-1], mask=mask[:, :-1], logits=outputs.logits[:, :-1], hidden_states=hidden
+        )

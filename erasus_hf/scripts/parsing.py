@@ -87,18 +87,13 @@ def parse(parser: HfArgumentParser, argv: list[str], objective: str | None = Non
     """The command's dataclasses from `argv`, with `--config` values as defaults; unknown recipe keys fail with the
     list of valid ones. `objective` (e.g. "causal_lm"), when the command knows it, limits the strategies a
     `--strategy` may name to those serving it."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    if known.config is not None and not any(a in ("-h", "--help") for a in rest):
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{known.config} must hold a mapping of option: value, got {type(values).__name__}")
+    config, rest = _config_option(argv)
+    if config is not None and not any(a in ("-h", "--help") for a in rest):
+        values = yaml_recipe(argv)
         valid = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc) if f.init}
         unknown = sorted(set(values) - valid)
         if unknown:
-            raise ValueError(f"Unknown keys in {known.config}: {unknown}. Valid keys: {', '.join(sorted(valid))}")
+            raise ValueError(f"Unknown keys in {config}: {unknown}. Valid keys: {', '.join(sorted(valid))}")
         for action in parser._actions:  # a value from the recipe satisfies a required option
             if action.dest in values:
                 action.required = False
@@ -119,6 +114,25 @@ def parse(parser: HfArgumentParser, argv: list[str], objective: str | None = Non
                 parser.error(str(err))
         check_strategy(output)
     return outputs
+
+
+def _config_option(argv: list[str]) -> tuple[str | None, list[str]]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    return known.config, rest
+
+
+def yaml_recipe(argv: list[str]) -> dict[str, Any]:
+    """The option -> value mapping of the `--config` recipe in `argv` ({} without one)."""
+    config, _ = _config_option(argv)
+    if config is None:
+        return {}
+    with open(config) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{config} must hold a mapping of option: value, got {type(values).__name__}")
+    return values
 
 
 def unrecognized(parser: argparse.ArgumentParser, leftover: list[str]) -> NoReturn:

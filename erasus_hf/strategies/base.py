@@ -258,6 +258,15 @@ class Strategy:
         return f"{type(self).__name__}({args})"
 
 
+def _log_softmax32(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """float32 log-softmax over the vocabulary, `log_softmax(logits.float() / temperature)` value for value. Without a
+    temperature the cast happens inside the kernel (`dtype=`), so bf16 logits get no float32 copy of their own next
+    to the float32 result; a temperature divides in float32, as before."""
+    if temperature != 1.0:
+        return torch.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def kl_to_reference(policy: Scores, reference: Scores, temperature: float = 1.0) -> torch.Tensor:
     """[B] KL(pi_ref || pi_theta) per token, averaged over each example's scored tokens.
 
@@ -265,8 +274,8 @@ def kl_to_reference(policy: Scores, reference: Scores, temperature: float = 1.0)
     a temperature T both distributions are softened by T and the KL is scaled by T^2 (distillation, as in SCRUB).
     """
     mask = policy.mask
-    log_p = torch.log_softmax(policy.logits[mask].float() / temperature, dim=-1)
-    log_q = torch.log_softmax(reference.logits[mask].float() / temperature, dim=-1)
+    log_p = _log_softmax32(policy.logits[mask], temperature)
+    log_q = _log_softmax32(reference.logits[mask], temperature)
     per_token = torch.zeros(mask.shape, dtype=log_p.dtype, device=log_p.device)
     per_token[mask] = (log_q.exp() * (log_q - log_p)).sum(-1) * temperature**2
     return per_token.sum(-1) / mask.sum(-1).clamp_min(1)
@@ -278,8 +287,8 @@ def kl_over_all_positions(policy: Scores, reference: Scores) -> torch.Tensor:
     `kl_div(log_softmax(policy), log_softmax(ref), reduction="batchmean", log_target=True)` on logits flattened to
     [B x T, V]. Prompt and padding positions count; labels and attention mask are not read. A causal LM's scores
     hold the logits of every input position but the last (which predicts past the sequence), so T = length - 1."""
-    log_p = torch.log_softmax(policy.logits.float(), dim=-1).flatten(0, -2)
-    log_q = torch.log_softmax(reference.logits.float(), dim=-1).flatten(0, -2)
+    log_p = _log_softmax32(policy.logits).flatten(0, -2)
+    log_q = _log_softmax32(reference.logits).flatten(0, -2)
     return (log_q.exp() * (log_q - log_p)).sum() / log_p.shape[0]
 
 

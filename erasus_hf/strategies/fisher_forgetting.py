@@ -92,7 +92,7 @@ class FisherForgetting(Strategy):
             raise ValueError("Fisher forgetting needs the retain set: the Fisher information is computed on it.")
         model = trainer.model
         fisher = fisher_diagonal(
-            model, trainer.objective, side_batches(trainer, trainer.train_dataset.retain, batch_size=1)
+            model, trainer.model_objective, side_batches(trainer, trainer.train_dataset.retain, batch_size=1)
         )
         params = trainable_parameters(model)
         generator = torch.Generator().manual_seed(self.noise_seed)

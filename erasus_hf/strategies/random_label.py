@@ -114,7 +114,7 @@ class SalUn(MaskedUpdates, RandomLabel):
         batches = side_batches(
             trainer, trainer.train_dataset.forget, batch_size=trainer.args.per_device_train_batch_size
         )
-        gradients = summed_gradients(trainer.model, trainer.objective, batches)
+        gradients = summed_gradients(trainer.model, trainer.model_objective, batches)
         return {"salun_mask_fraction": self.install_masks(trainer, saliency_masks(gradients, self.mask_fraction))}
 
     def forget_loss(self, ctx: StrategyContext, forget: Batch):

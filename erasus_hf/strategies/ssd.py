@@ -83,7 +83,7 @@ class SSD(Strategy):
         return True
 
     def apply(self, trainer) -> dict[str, float]:
-        model, objective = trainer.model, trainer.objective
+        model, objective = trainer.model, trainer.model_objective
         data, batch_size = trainer.train_dataset, trainer.args.per_device_train_batch_size
         if data.retain is None:
             raise ValueError("SSD needs the retain set: its importances are over the full training data.")

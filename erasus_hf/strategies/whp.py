@@ -97,7 +97,8 @@ class WHP(Strategy):
 
     @torch.no_grad()
     def _generic_dataset(self, trainer, base, reinforced, base_context) -> Dataset:
-        side_collator, objective, device = trainer.data_collator.side_collator, trainer.objective, trainer.args.device
+        side_collator, objective = trainer.data_collator.side_collator, trainer.model_objective
+        device = trainer.args.device
         rows, out = self._rows(trainer), []
         self.counts = {"whp_changed_targets": 0.0, "whp_untrained_tokens": 0.0}
         size = trainer.args.per_device_eval_batch_size
