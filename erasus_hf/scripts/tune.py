@@ -27,22 +27,11 @@ from typing import Any
 from ..config import UnlearningConfig, json_dict
 from ..data.formats import RowFormatError
 from ..data.loading import one_line
-from ..evaluation.suite import MetricSuite
 from ..model_source import load_causal_lm
-from ..output_folder import check_output_dir
 from ..trainer import UnlearningTrainer
 from ..tuning import SearchSpace, TuningResult, UtilityFloorObjective, tune, write_recipe
 from .parsing import UsageError
-from .unlearn import (
-    UnlearnArguments,
-    check_retain_needed,
-    check_sides,
-    evaluators_of,
-    limited,
-    load_run_data,
-    model_options,
-    prepare_model,
-)
+from .unlearn import UnlearnArguments, prepare_run
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -127,22 +116,12 @@ def run_tune(
         import optuna  # noqa: F401
     except ImportError as err:
         raise UsageError("erasus-hf tune searches with optuna: pip install optuna (or erasus_hf[tune]).") from err
-    check_retain_needed(args, config)
-    model_init_kwargs = model_options(args, config)
-    text_format = config.text_format()
-    data = load_run_data(args, args.eval_max_examples)
-    evaluated = limited(data, args.eval_max_examples)
-    evaluators = evaluators_of(evaluated, config, text_format)
-    if args.reference_eval:
-        MetricSuite(evaluators).check(args.reference_eval, **data.evaluation)
-    elif "forget_quality" in objective.metric:
+    if not args.reference_eval and "forget_quality" in objective.metric:
         raise UsageError(
             f"--objective_metric {objective.metric} compares with the retain model: pass --reference_eval "
             "(`erasus-hf evaluate` of a model that never saw the tuning forget rows, on the same rows)."
         )
-    check_output_dir(config.output_dir, config.overwrite_output_dir)
-    check_sides(data, text_format)
-    model, tokenizer = prepare_model(args, config, data, text_format, model_init_kwargs)
+    data, evaluators, model, tokenizer = prepare_run(args, config)
     if isinstance(model, str):
         path, kwargs = model, config.model_init_kwargs
         config.model_init_kwargs = None  # loaded by model_init, not by the trainer

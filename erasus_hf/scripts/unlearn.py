@@ -409,25 +409,32 @@ def check_retain_needed(data_args: UnlearnArguments, config: UnlearningConfig) -
         )
 
 
-def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str | None = None) -> UnlearningTrainer:
-    """Train, save the weights, evaluate (eval.json) and write the model card; `command` (the command line that ran
-    this) goes into the card, redacted (no token reaches the card: `erasus_hf.redaction`). Every refusal of the data
-    or the options (`UsageError`) comes before any compute."""
+def prepare_run(args: UnlearnArguments, config: UnlearningConfig) -> tuple[RunData, list[Any], Any, Any]:
+    """(the rows, the evaluators, the starting model or its path, the tokenizer) of a run, every refusal of the data
+    or the options first (`UsageError`): the retain rows a strategy needs, the sources, a reference of other rows,
+    the output folder, rows that fit no format; only then the starting model (trained into output_dir without
+    `--model_name_or_path`)."""
     from ..output_folder import check_output_dir
 
-    set_seed(config.seed)  # the same LoRA initialisation on every process and in every run
     check_retain_needed(args, config)
     model_init_kwargs = model_options(args, config)
     text_format = config.text_format()
     data = load_run_data(args, args.eval_max_examples)
-    evaluated = limited(data, args.eval_max_examples)
-    evaluators = evaluators_of(evaluated, config, text_format)
+    evaluators = evaluators_of(limited(data, args.eval_max_examples), config, text_format)
     if args.run_evaluation and args.reference_eval:  # a reference of other rows is refused before any training
         MetricSuite(evaluators).check(args.reference_eval, **data.evaluation)
-    # one run per folder and well-formed rows, refused before the starting model is trained into output_dir
     check_output_dir(config.output_dir, config.overwrite_output_dir)
     check_sides(data, text_format)
     model, tokenizer = prepare_model(args, config, data, text_format, model_init_kwargs)
+    return data, evaluators, model, tokenizer
+
+
+def run_unlearn(args: UnlearnArguments, config: UnlearningConfig, command: str | None = None) -> UnlearningTrainer:
+    """Train, save the weights, evaluate (eval.json) and write the model card; `command` (the command line that ran
+    this) goes into the card, redacted (no token reaches the card: `erasus_hf.redaction`). Every refusal of the data
+    or the options (`UsageError`) comes before any compute."""
+    set_seed(config.seed)  # the same LoRA initialisation on every process and in every run
+    data, evaluators, model, tokenizer = prepare_run(args, config)
     in_training = config.eval_strategy != "no"
     try:
         trainer = UnlearningTrainer(
