@@ -23,14 +23,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
@@ -179,26 +177,6 @@ def worker(model_dir: str, out_dir: str) -> None:
 # ---- the test
 
 
-def _launch(command: list[str], model_dir: Path, out_dir: Path) -> dict[int, dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [*command, str(Path(__file__).resolve()), str(model_dir), str(out_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return {int(p.stem[4:]): json.loads(p.read_text()) for p in out_dir.glob("rank*.json")}
-
-
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys() and len(a) > 0, what
-    for key in a:
-        assert a[key].shape == b[key].shape and a[key].numel() > 0, (what, key, a[key].shape, b[key].shape)
-        assert torch.allclose(a[key], b[key], atol=TOLERANCE), (what, key, (a[key] - b[key]).abs().max())
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -207,13 +185,9 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) ->
 def test_zero3_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
     from safetensors.torch import load_file
 
-    one = _launch([sys.executable], saved_model, tmp_path / "one")
-    two = _launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-        saved_model,
-        tmp_path / "two",
-    )
-    assert set(one) == {0} and set(two) == {0, 1}
+    from .testing_utils import assert_same_weights, launch_one_and_two
+
+    one, two = launch_one_and_two(Path(__file__).resolve(), saved_model, tmp_path)
     for name in RUNS:
         single, ranks = one[0][name], [two[r][name] for r in (0, 1)]
         assert single["distributed_type"] == "DistributedType.NO" and single["loaded_fraction"] == 1.0
@@ -231,10 +205,11 @@ def test_zero3_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
             # the reference is the starting model, the trained policy is not
             assert entry["reference_logprob"] == pytest.approx(entry["base_logprob"], abs=1e-5), name
             assert max(abs(a - b) for a, b in zip(entry["policy_logprob"], entry["base_logprob"])) > 1e-2
-        _close(
+        assert_same_weights(
             load_file(tmp_path / "one" / f"{name}.safetensors"),
             load_file(tmp_path / "two" / f"{name}.safetensors"),
             name,
+            TOLERANCE,
         )
     # the LoRA run trained under gradient checkpointing (its adapter moved as in one process without ZeRO-3)
     for entry in (one[0]["lora_adapter"], two[0]["lora_adapter"], two[1]["lora_adapter"]):
@@ -250,7 +225,7 @@ def test_zero3_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
         ("full_copy", "model.safetensors"),
     ):
         a, b = (load_file(tmp_path / side / folder / weights_file) for side in ("one", "two"))
-        _close(a, b, folder)
+        assert_same_weights(a, b, folder, TOLERANCE)
     merged, starting = (
         load_file(tmp_path / "two" / "lora_adapter/merged/model.safetensors"),
         load_file(saved_model / "model.safetensors"),

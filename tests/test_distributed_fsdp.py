@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +32,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = {
     "version": 2,
     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
@@ -226,30 +224,13 @@ def worker(model_dir: str, out_dir: str) -> None:
 # ---- the test
 
 
-def _launch(command: list[str], model_dir: Path, out_dir: Path) -> dict[int, dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [*command, str(Path(__file__).resolve()), str(model_dir), str(out_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return {int(p.stem[4:]): json.loads(p.read_text()) for p in out_dir.glob("rank*.json")}
-
-
 @pytest.mark.slow
 def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
     from safetensors.torch import load_file
 
-    one = _launch([sys.executable], saved_model, tmp_path / "one")
-    two = _launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-        saved_model,
-        tmp_path / "two",
-    )
-    assert set(one) == {0} and set(two) == {0, 1}
+    from .testing_utils import assert_same_weights, launch_one_and_two
+
+    one, two = launch_one_and_two(Path(__file__).resolve(), saved_model, tmp_path)
     for name in RUNS:
         single, ranks = one[0][name], [two[r][name] for r in (0, 1)]
         assert single["distributed_type"] == "DistributedType.NO"
@@ -272,9 +253,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
             # training moved the policy away from the starting model
             assert max(abs(a - b) for a, b in zip(entry["policy_logprob"], entry["base_logprob"])) > 1e-2
         a, b = load_file(tmp_path / "one" / f"{name}.safetensors"), load_file(tmp_path / "two" / f"{name}.safetensors")
-        assert a.keys() == b.keys() and len(a) > 0
-        for key in a:
-            assert torch.allclose(a[key], b[key], atol=TOLERANCE), (name, key, (a[key] - b[key]).abs().max())
+        assert_same_weights(a, b, name, TOLERANCE)
 
     # LoRA: PEFT's disable_adapter() on the FSDP2-sharded model is the base model, exactly
     for entry in (one[0]["lora_adapter"], two[0]["lora_adapter"], two[1]["lora_adapter"]):
@@ -295,9 +274,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
     # the Trainer's saves under FSDP2 (gathered FULL_STATE_DICT, written by rank 0) hold the single-process weights
     for name, weights_file in (("full_copy", "model.safetensors"), ("lora_adapter", "adapter_model.safetensors")):
         a, b = (load_file(tmp_path / side / name / weights_file) for side in ("one", "two"))
-        assert a.keys() == b.keys() and len(a) > 0, name
-        for key in a:
-            assert torch.allclose(a[key], b[key], atol=TOLERANCE), (name, key)
+        assert_same_weights(a, b, name, TOLERANCE)
 
 
 if __name__ == "__main__":

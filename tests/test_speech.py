@@ -310,13 +310,16 @@ def keyword_classifier(wav2vec2_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ctc_recogniser(wav2vec2_data, keyword_classifier):
     """A Wav2Vec2ForCTC over the character vocabulary, its encoder initialised from the keyword classifier (the
-    convolutional front end frozen, as in the usual CTC fine-tuning), trained with CTC on the transcripts."""
+    convolutional front end frozen, as in the usual CTC fine-tuning), trained with CTC on the transcripts until it
+    has memorised them (30 epochs: CTC loss per character below 0.01). At 12 epochs it sat mid-way (forget loss 0.09
+    on one x86 machine, 0.30 with WER 0.9 on an AMX Xeon with the same pinned kernels), where NPO's outcome swung
+    with the kernels; from memorisation both runs below land in the same place."""
     tokenizer, train, _ = wav2vec2_data
     model = Wav2Vec2ForCTC.from_pretrained(
         keyword_classifier[1], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, ctc_zero_infinity=True
     )
     model.freeze_feature_encoder()
-    fit(model, CTCObjective(), as_rows(train, "transcript"), AudioCollator(), epochs=12, lr=3e-3, batch_size=8)
+    fit(model, CTCObjective(), as_rows(train, "transcript"), AudioCollator(), epochs=30, lr=3e-3, batch_size=8)
     return model
 
 
@@ -377,7 +380,7 @@ def test_ctc_refuses_strategies_that_read_token_logits(tmp_path, strategy, retai
         UnlearningTrainer(model, args, forget_dataset=[{"input_values": [0.0] * 400, "labels": [3]}])
 
 
-@pytest.mark.parametrize(("strategy", "use_peft", "lr", "epochs"), [("npo", True, 1e-3, 5)])
+@pytest.mark.parametrize(("strategy", "use_peft", "lr", "epochs"), [("npo", True, 8e-4, 5)])
 def test_ctc_recogniser_forgets_a_word(tmp_path, wav2vec2_data, ctc_recogniser, strategy, use_peft, lr, epochs):
     _, train, held_out = wav2vec2_data
     model, objective = copy.deepcopy(ctc_recogniser), CTCObjective()
@@ -393,9 +396,11 @@ def test_ctc_recogniser_forgets_a_word(tmp_path, wav2vec2_data, ctc_recogniser, 
     assert trainer.model_objective.name == "ctc"
     trainer.train()
     after = {name: mean_nll(trainer.model, objective, rows) for name, rows in sets.items()}
-    # measured (CTC loss per character): forget 0.088 -> 1.05, held-out voice's forget 0.21 -> 0.92; retain
-    # 0.23 -> 0.31, held-out retain 0.23 -> 0.33
-    assert before["forget"] < 0.3 and before["retain"] < 0.4 and before["held_out_retain"] < 0.4  # learned
+    # measured (CTC loss per character): forget 0.0007 -> 1.9, held-out voice's forget 0.0045 -> 1.7; retain
+    # 0.0005 -> 0.014, held-out retain 0.0014 -> 0.013 (test_example_ctc_forgets_a_word: the same figures). NPO from
+    # a memorised start is a cliff: 1e-3 x 2 epochs leaves the word (0.004), 1e-3 x 5 costs the retain words 0.15
+    # WER; 8e-4 x 5 is inside the window with room on both sides (7e-4 and 1e-3 x 4 pass too)
+    assert before["forget"] < 0.1 and before["retain"] < 0.1 and before["held_out_retain"] < 0.1  # learned
     assert after["forget"] > 5 * before["forget"] and after["held_out_forget"] > 2.5 * before["held_out_forget"]
     assert after["retain"] < before["retain"] + 0.2
     assert after["held_out_retain"] < before["held_out_retain"] + 0.25
@@ -465,22 +470,21 @@ def test_example_ctc_forgets_a_word(ctc_folder, word_datasets, tmp_path):
             "--output_dir",
             str(output_dir),
             "--learning_rate",
-            "5e-4",
+            "8e-4",
         ]
-    )  # npo with a LoRA adapter of rank 8, merged: the defaults; 5e-4, since 1e-3 (tuned with AVX-512 kernels)
-    # cost the retain words 0.31 -> 0.5 WER with the AVX2 kernels tests/conftest.py pins
+    )  # npo with a LoRA adapter of rank 8 for 5 epochs, merged: the defaults; the learning rate as in
+    # test_ctc_recogniser_forgets_a_word
     assert metrics["forget_rows"] == 20 and metrics["retain_rows"] == 180 and metrics["eval_forget_rows"] == 4
-    # measured: CTC loss per character forget 0.088 -> 1.04, held-out voice's forget 0.21 -> 0.92, retain
-    # 0.23 -> 0.33, held-out retain 0.24 -> 0.34 (as in test_ctc_recogniser_forgets_a_word, the same run); greedy
-    # WER forget 0.2 -> 1.0 (no clip of the word is transcribed right), retain 0.23 -> 0.28, held-out retain
-    # 0.31 -> 0.31 (one-word clips: the WER is the share of clips transcribed wrong)
+    # measured: CTC loss per character forget 0.0007 -> 1.9, held-out voice's forget 0.0045 -> 1.7, retain
+    # 0.0005 -> 0.009, held-out retain 0.0014 -> 0.013; greedy WER forget 0.0 -> 1.0 (no clip of the word is
+    # transcribed right), retain 0.0 -> 0.022, held-out retain 0.0 -> 0.028 (one-word clips: the WER is the share
+    # of clips transcribed wrong)
     before = {k[: -len("_before")]: v for k, v in metrics.items() if k.endswith("_before")}
     after = {k[: -len("_after")]: v for k, v in metrics.items() if k.endswith("_after")}
-    # (with MKL's COMPATIBLE path, tests/conftest.py: forget loss 0.20, retain 0.10, forget WER 0.4 before)
-    assert before["forget_ctc_loss"] < 0.3 and before["retain_ctc_loss"] < 0.4 and before["forget_wer"] <= 0.5
+    assert before["forget_ctc_loss"] < 0.1 and before["retain_ctc_loss"] < 0.1 and before["forget_wer"] <= 0.1
     assert after["forget_ctc_loss"] > 5 * before["forget_ctc_loss"]
     assert after["eval_forget_ctc_loss"] > 2.5 * before["eval_forget_ctc_loss"]
-    assert after["forget_wer"] >= 0.6  # 0.65 with MKL's COMPATIBLE path: the loss bounds above carry the claim
+    assert after["forget_wer"] >= 0.6
     assert after["retain_ctc_loss"] < before["retain_ctc_loss"] + 0.2
     assert after["eval_retain_ctc_loss"] < before["eval_retain_ctc_loss"] + 0.25
     assert after["retain_wer"] <= before["retain_wer"] + 0.1

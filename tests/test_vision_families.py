@@ -119,7 +119,8 @@ def test_vit_unlearns_one_digit(vit_digits, tmp_path):
     _, _, inputs, labels, train, test = vit_digits
     model = fresh_vit(vit_digits)
     before_forget, before_retain = forget_retain_accuracy(model, inputs, labels, test)
-    assert before_forget > 0.8 and before_retain > 0.9, (before_forget, before_retain)
+    # learned (chance is 0.1): retain 0.91 on most x86 machines, 0.881 on an AMX Xeon with the same pinned kernels
+    assert before_forget > 0.8 and before_retain > 0.85, (before_forget, before_retain)
     unlearn_digit(model, inputs, labels, train, tmp_path, "npo", 1e-3, 3, strategy_kwargs=NPO)
     after_forget, after_retain = forget_retain_accuracy(model, inputs, labels, test)
     print(

@@ -1,6 +1,7 @@
 """What the tests share besides fixtures (those are in conftest.py): the repository's paths and examples, the TOFU
 rows and the small Llamas trained on them, the behavioural tests' unlearning run, hand-checkable stand-ins for a model
-family (logits in the batch), the real digits, and the local Hub server's wiring.
+family (logits in the batch), the real digits, launching a test file's worker in one and in two processes, and the
+local Hub server's wiring.
 
 Import from here (`from .testing_utils import qa`), never from conftest.py or from another test file."""
 
@@ -9,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -280,6 +284,36 @@ def moving_digit_clips(images: torch.Tensor, frames: int = 4, size: int = 16) ->
 def pixel_rows(inputs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> list[dict]:
     """The classification objective's rows: {"pixel_values", "labels"} for each index in `idx`."""
     return [{"pixel_values": inputs[i], "labels": labels[i]} for i in idx.tolist()]
+
+
+# ---- one process against two (the distributed tests' workers)
+
+
+def launch_one_and_two(script: Path, model_dir: Path, out_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    """Run `script MODEL_DIR OUT` as one plain process, then under torchrun with 2 processes (one thread each), into
+    `out_dir/one` and `out_dir/two`; each process writes `rank<k>.json`. Returns the ranks' JSON of each launch."""
+
+    def launch(command: list[str], out: Path) -> dict[int, dict]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        command = [*command, str(script), str(model_dir), str(out)]
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-4000:]
+        return {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
+
+    one = launch([sys.executable], out_dir / "one")
+    two = launch(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], out_dir / "two"
+    )
+    assert set(one) == {0} and set(two) == {0, 1}
+    return one, two
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str, atol: float) -> None:
+    """Two saved state dicts hold the same non-empty tensors within `atol`."""
+    assert a.keys() == b.keys() and len(a) > 0, what
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].numel() > 0, (what, key, a[key].shape, b[key].shape)
+        assert torch.allclose(a[key], b[key], atol=atol), (what, key, (a[key] - b[key]).abs().max())
 
 
 # ---- folders and the local Hub
