@@ -2,7 +2,7 @@
 catalogue with LoRA and with full fine-tuning from its recipe (`trainers/recipes/tofu_mini/`), with 3 seeds, and
 evaluate each with the TOFU metrics and membership inference.
 
-    python -m benchmarks.tofu_mini                          # preset small: 2 CPU cores, about 30 minutes
+    python -m benchmarks.tofu_mini                          # preset small: 2 CPU cores, about 40 minutes
     python -m benchmarks.tofu_mini --preset small_forget05 --methods ce_u wga
     python -m benchmarks.tofu_mini --preset large --device cuda
     python -m benchmarks.tofu_mini --methods npo simnpo --modes lora --seeds 0

@@ -48,7 +48,7 @@ SMALL = Preset(
     retain_eval_rows=100,
     model=TinyModelSettings(vocab_size=2048, hidden_size=128, num_layers=2, intermediate_size=256),
     tuning_authors=range(188, 190),
-    notes="2 CPU cores, under 30 minutes with the models cached",
+    notes="2 CPU cores, about 40 minutes with the models cached",
 )
 
 PRESETS = {
