@@ -228,7 +228,7 @@ def worker(model_dir: str, out_dir: str) -> None:
 def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
     from safetensors.torch import load_file
 
-    from .testing_utils import assert_same_weights, launch_one_and_two
+    from .testing_utils import assert_rank_matches_one_process, assert_same_weights, launch_one_and_two
 
     one, two = launch_one_and_two(Path(__file__).resolve(), saved_model, tmp_path)
     for name in RUNS:
@@ -239,19 +239,13 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process(tmp_path, saved_model):
             assert entry["policy_class"].startswith("FSDP"), entry["policy_class"]
             assert entry["policy_local_fraction"] == pytest.approx(0.5), entry["policy_local_fraction"]
             assert entry["losses"] == ranks[0]["losses"]  # metrics are averaged across processes
-            # the losses, the evaluation and the scores of the single-process run
+            # the losses, the evaluation and the scores of the single-process run; the policy trained
             assert len(entry["losses"]) == 3
-            assert entry["losses"] == pytest.approx(single["losses"], abs=TOLERANCE, rel=REL_TOLERANCE), name
+            assert_rank_matches_one_process(entry, single, name, TOLERANCE, REL_TOLERANCE)
             assert entry["forget_losses"] == pytest.approx(single["forget_losses"], abs=TOLERANCE, rel=REL_TOLERANCE)
-            assert entry["evaluation"].keys() == single["evaluation"].keys()
-            for key, value in single["evaluation"].items():
-                assert entry["evaluation"][key] == pytest.approx(value, abs=TOLERANCE, rel=REL_TOLERANCE), (name, key)
             # sharded evaluation: each process ran half of the 8 pairs (2 batches of 2; one process: 2 batches of 4)
             assert single["eval_steps"] == 2 and entry["eval_steps"] == 2
             assert {"eval_memorization/forget_exact_memorization", "eval_forget_nll"} <= entry["evaluation"].keys()
-            assert entry["policy_logprob"] == pytest.approx(single["policy_logprob"], abs=TOLERANCE, rel=REL_TOLERANCE)
-            # training moved the policy away from the starting model
-            assert max(abs(a - b) for a, b in zip(entry["policy_logprob"], entry["base_logprob"])) > 1e-2
         a, b = load_file(tmp_path / "one" / f"{name}.safetensors"), load_file(tmp_path / "two" / f"{name}.safetensors")
         assert_same_weights(a, b, name, TOLERANCE)
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from erasus_hf import UnlearningConfig, UnlearningTrainer
+from erasus_hf import UnlearningTrainer
 
-from .testing_utils import qa, small_llama
+from .testing_utils import config, qa, small_llama
 
 
 def _train(tmp_path, model, tokenizer, tofu_slice, checkpointing: bool, use_reentrant: bool | None):
     forget, retain = tofu_slice
     kwargs = {} if use_reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": use_reentrant}}
-    args = UnlearningConfig(
+    args = config(
+        tmp_path,
         output_dir=str(tmp_path / f"gc_{checkpointing}_{use_reentrant}"),
         strategy="npo",
         use_peft=True,
@@ -25,12 +26,7 @@ def _train(tmp_path, model, tokenizer, tofu_slice, checkpointing: bool, use_reen
         lora_dropout=0.0,
         max_steps=3,
         learning_rate=1e-2,
-        per_device_train_batch_size=4,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
         use_cpu=True,
-        seed=0,
         gradient_checkpointing=checkpointing,
         **kwargs,
     )

@@ -308,6 +308,17 @@ def launch_one_and_two(script: Path, model_dir: Path, out_dir: Path) -> tuple[di
     return one, two
 
 
+def assert_rank_matches_one_process(entry: dict, single: dict, name: str, atol: float, rtol: float) -> None:
+    """One rank's report of a run holds the single-process run's losses, evaluation and policy log-probs, and the
+    trained policy moved away from the starting model (`base_logprob`)."""
+    assert entry["losses"] == pytest.approx(single["losses"], abs=atol, rel=rtol), name
+    assert entry["evaluation"].keys() == single["evaluation"].keys()
+    for key, value in single["evaluation"].items():
+        assert entry["evaluation"][key] == pytest.approx(value, abs=atol, rel=rtol), (name, key)
+    assert entry["policy_logprob"] == pytest.approx(single["policy_logprob"], abs=atol, rel=rtol)
+    assert max(abs(a - b) for a, b in zip(entry["policy_logprob"], entry["base_logprob"])) > 1e-2
+
+
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str, atol: float) -> None:
     """Two saved state dicts hold the same non-empty tensors within `atol`."""
     assert a.keys() == b.keys() and len(a) > 0, what
